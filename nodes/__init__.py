@@ -1,0 +1,17 @@
+"""ComfyUI glue: one file per group of nodes, each a thin declaration over `ace/`.
+
+Node ids carry the `ACEErasure_` prefix and never change once a workflow ships; ComfyUI's own
+"AceStep" audio nodes are unrelated.
+"""
+from comfy_api.v0_0_2 import ComfyExtension, io
+
+from .model_info import MODEL_INFO_NODES
+
+
+class ACEErasureExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*MODEL_INFO_NODES]
+
+
+async def comfy_entrypoint() -> ACEErasureExtension:
+    return ACEErasureExtension()
