@@ -1,0 +1,6 @@
+"""ACE (Attentional Concept Erasure) in plain torch, importable without ComfyUI.
+
+The data path, one module a stage:
+concepts (request) -> tokens (stage 0: C, N, P) -> closed_form (stage 1) -> adapter (the gated
+edit) -> finetune (stage 2) -> erasure (the result, and `erase`, all stages in order) -> files.
+"""

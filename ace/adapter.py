@@ -1,0 +1,144 @@
+"""The gated adapter: ACE's edit of every cross-attention key/value projection.
+
+For a projection `W` and a text token embedding `e`, the edited layer computes
+
+    W e + strength · Σ_c g_c(e) · B_c A_c e
+
+where concept `c` owns a low-rank pair `(A_c, B_c)` per projection and one gate shared by all
+layers. The gate `g_c(e) = sigmoid((s_c(e) − τ_c) / T_c)` looks at `s_c(e)`, the log of the mean
+squared coordinate of the centred embedding along the concept's directions `U_c` (directions
+where concept tokens vary far more than preserve tokens, scaled to unit preserve variance), so it
+fires on concept-like tokens and stays shut on everything else. All concepts are stacked into one batched operation.
+
+The adapter is plain torch. It attaches to a network by replacing the `forward` of each
+projection module (`patched_forwards`), which is exactly what a ComfyUI object patch does, so
+weight patches such as LoRAs on the same layers keep working underneath it.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from einops import einsum
+
+from .families import Projection
+
+
+class GatedAdapter(torch.nn.Module):
+    def __init__(
+        self,
+        projections: list[Projection],
+        gate_basis: torch.Tensor,  # [K, d, k_g] gate directions per concept
+        gate_center: torch.Tensor,  # [K, d]
+        gate_threshold: torch.Tensor,  # [K]
+        gate_log_temperature: torch.Tensor,  # [K]
+        lora_down: list[torch.Tensor],  # per projection [K, r, d]   (A)
+        lora_up: list[torch.Tensor],  # per projection [K, d_out, r]  (B)
+    ):
+        super().__init__()
+        self.projections = list(projections)
+        self.register_buffer("gate_basis", gate_basis.float())
+        self.register_buffer("gate_center", gate_center.float())
+        self.gate_threshold = torch.nn.Parameter(gate_threshold.float())
+        self.gate_log_temperature = torch.nn.Parameter(gate_log_temperature.float())
+        self.lora_down = torch.nn.ParameterList([torch.nn.Parameter(a.float()) for a in lora_down])
+        self.lora_up = torch.nn.ParameterList([torch.nn.Parameter(b.float()) for b in lora_up])
+        self.enabled = True
+        self.strength = 1.0
+        self._cast_cache: dict = {}
+
+    @property
+    def num_concepts(self) -> int:
+        return self.gate_threshold.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.lora_down[0].shape[1]
+
+    def _like(self, t: torch.Tensor, x: torch.Tensor, dtype=None) -> torch.Tensor:
+        """`t` on x's device (and in `dtype` or x's dtype), cached while `t` does not change."""
+        dtype = dtype or x.dtype
+        if t.device == x.device and t.dtype == dtype:
+            return t
+        if t.requires_grad and torch.is_grad_enabled():
+            return t.to(x.device, dtype)
+        key = (id(t), x.device, dtype)
+        hit = self._cast_cache.get(key)
+        if hit is None or hit[0] != t._version:
+            hit = (t._version, t.detach().to(x.device, dtype))
+            self._cast_cache[key] = hit
+        return hit[1]
+
+    def gate(self, e: torch.Tensor) -> torch.Tensor:
+        """Gate of every concept for every token: `[..., d]` -> `[..., K]`, in float32."""
+        e = e.float()
+        centered = e.unsqueeze(-2) - self._like(self.gate_center, e)  # [..., K, d]
+        inside = einsum(centered, self._like(self.gate_basis, e), "... k d, k d g -> ... k g")
+        s = inside.square().mean(-1).clamp_min(1e-12).log()
+        threshold = self._like(self.gate_threshold, e)
+        temperature = self._like(self.gate_log_temperature, e).exp()
+        return torch.sigmoid((s - threshold) / temperature)
+
+    def delta(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """The edit added to projection `index` for input tokens `x` `[..., d]`."""
+        g = self.gate(x).to(x.dtype)  # [..., K]
+        A = self._like(self.lora_down[index], x)
+        B = self._like(self.lora_up[index], x)
+        z = einsum(x, A, "... d, k r d -> ... k r") * (g * self.strength).unsqueeze(-1)
+        return einsum(z, B, "... k r, k o r -> ... o")
+
+    def patched_forwards(self, modules: dict[str, torch.nn.Module], prefix: str = "") -> dict:
+        """`{prefix + name + ".forward": callable}` for every projection: ComfyUI object patches."""
+        return {
+            f"{prefix}{p.name}.forward": _GatedForward(self, i, modules[p.name])
+            for i, p in enumerate(self.projections)
+        }
+
+    @contextlib.contextmanager
+    def attached(self, unet: torch.nn.Module) -> Iterator["GatedAdapter"]:
+        """Attach to a plain torch UNet for the duration of the block (restores it after)."""
+        modules = dict(unet.named_modules())
+        patches = self.patched_forwards(modules)
+        missing = [p.name for p in self.projections if p.name not in modules]
+        if missing:
+            raise ValueError(f"this network has no layer {missing[0]}; the erasure is for another model")
+        for name, forward in patches.items():
+            setattr(modules[name.removesuffix(".forward")], "forward", forward)
+        try:
+            yield self
+        finally:
+            for name in patches:
+                module = modules[name.removesuffix(".forward")]
+                if "forward" in module.__dict__:
+                    del module.forward
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The original network's prediction, from the same network: switch the edit off."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+
+def gate_score(centered: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """log of the mean squared coordinate of centred embeddings `[n, d]` along `directions` `[d, k]`.
+
+    The same score `GatedAdapter.gate` computes, for calibrating it."""
+    return (centered @ directions).square().mean(-1).clamp_min(1e-12).log()
+
+
+class _GatedForward:
+    """Replacement `forward` of one projection. A plain callable, not a Module, so that setting it
+    on the projection does not register it as a sub-module."""
+
+    def __init__(self, adapter: GatedAdapter, index: int, module: torch.nn.Module):
+        self.adapter, self.index, self.module = adapter, index, module
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = type(self.module).forward(self.module, x, *args, **kwargs)
+        if not self.adapter.enabled or self.adapter.strength == 0:
+            return base
+        return base + self.adapter.delta(self.index, x).to(base.dtype)

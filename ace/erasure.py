@@ -1,0 +1,93 @@
+"""An erasure: the trained gated adapter with what it erases and which model it fits, and the
+whole method from a concept request to that erasure (stages 0, 1 and 2 in order)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .adapter import GatedAdapter
+from .closed_form import ClosedFormConfig, closed_form_erasure
+from .concepts import ConceptRequest
+from .families import Projection, check_family
+from .finetune import Denoiser, FinetuneConfig, StepReport, finetune, sample_latents
+from .tokens import TextEncoder, collect_request
+
+
+@dataclass
+class Erasure:
+    family: str
+    request: ConceptRequest
+    adapter: GatedAdapter
+    info: dict = field(default_factory=dict)
+
+    @property
+    def projections(self) -> list[Projection]:
+        return self.adapter.projections
+
+    def check_fits(self, family: str, projections: list[Projection]) -> None:
+        """Raise ValueError unless this erasure was made for a model of this family and shape."""
+        if family != self.family:
+            raise ValueError(
+                f"This erasure was made for a {self.family} model and cannot be applied to a "
+                f"{family} model; erase the concepts again from this model."
+            )
+        mine = {(p.name, p.in_features, p.out_features) for p in self.projections}
+        theirs = {(p.name, p.in_features, p.out_features) for p in projections}
+        if mine != theirs:
+            missing = sorted(mine - theirs)
+            raise ValueError(
+                f"This erasure does not fit this {family} model: its cross-attention layers differ "
+                f"(e.g. {missing[0][0] if missing else sorted(theirs - mine)[0][0]}). It was made for "
+                "another architecture of the same family; erase the concepts again from this model."
+            )
+
+
+def erase(
+    encoder: TextEncoder,
+    family: str,
+    projections: list[Projection],
+    weights: dict[str, torch.Tensor],
+    request: ConceptRequest,
+    closed_form: ClosedFormConfig = ClosedFormConfig(),
+    training: FinetuneConfig = FinetuneConfig(),
+    denoise: Denoiser | None = None,
+    latent_shape: tuple[int, ...] | None = None,
+    sample_sigmas: torch.Tensor | None = None,
+    train_sigmas: torch.Tensor | None = None,
+    images_per_concept: int = 2,
+    callback: Callable[[StepReport], bool | None] | None = None,
+) -> Erasure:
+    """Stage 0 (token collection), stage 1 (closed form) and, when `training.steps > 0`,
+    stage 2 (fine-tuning). Stage 2 needs `denoise` (the network with this adapter attached, see
+    `GatedAdapter.attached`/`patched_forwards`), the latent shape and the noise levels to sample
+    the concept's examples with (descending, ending at 0) and to train at."""
+    check_family(family, projections)
+    tokens = collect_request(encoder, request)
+    adapter, info = closed_form_erasure(tokens, weights, projections, closed_form)
+    info["stage2_seconds"] = 0.0
+    if training.steps > 0:
+        if denoise is None or latent_shape is None or sample_sigmas is None or train_sigmas is None:
+            raise ValueError("fine-tuning needs the network (denoise), the latent shape and the noise levels")
+        device = next(iter(weights.values())).device
+        adapter.to(device)
+        with adapter.disabled():
+            latents = [
+                sample_latents(
+                    denoise,
+                    c.concept_context[: images_per_concept].to(device),
+                    latent_shape,
+                    sample_sigmas,
+                    seed=training.seed + i,
+                )
+                for i, c in enumerate(tokens.concepts)
+            ]
+        result = finetune(adapter, denoise, tokens, latents, train_sigmas, training, callback)
+        info["stage2_seconds"] = result.seconds
+        info["history"] = result.history
+        info["stopped_early"] = result.stopped_early
+    adapter.to("cpu")
+    info["closed_form"] = closed_form.__dict__
+    info["training"] = training.__dict__
+    return Erasure(family, request, adapter, info)

@@ -1,0 +1,180 @@
+"""Erasure files: the gated erasure (exact ACE) and the portable LoRA (gate fixed open).
+
+Only the adapter is saved, never the model, as `.safetensors` (never pickle) with JSON metadata.
+Loading checks the format, its version, every tensor's presence, shape and finiteness, and says
+what is wrong in the user's terms.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .adapter import GatedAdapter
+from .concepts import ConceptRequest
+from .erasure import Erasure
+from .families import Projection
+
+FORMAT = "ace-erasure"
+FORMAT_VERSION = 1
+
+
+class ErasureFileError(ValueError):
+    """An erasure file that cannot be loaded, or a file name that cannot be used."""
+
+
+def check_file_name(name: str, suffix: str = ".safetensors") -> str:
+    """A bare file name for a model folder: no folders, no `..`, no odd characters."""
+    if not isinstance(name, str) or not name.strip():
+        raise ErasureFileError("The file name is empty: give a name such as 'no_van_gogh'.")
+    name = name.strip()
+    if "/" in name or "\\" in name or name in (".", "..") or ".." in name or os.path.isabs(name):
+        raise ErasureFileError(
+            f"'{name}' has a folder or '..' in it; give a plain file name, the file goes into the "
+            "pack's model folder."
+        )
+    if not re.fullmatch(r"[\w\- .()\[\]+,]+", name) or name.startswith("."):
+        raise ErasureFileError(f"'{name}' has characters a file name should not have; use letters, digits, - and _.")
+    if not name.endswith(suffix):
+        name += suffix
+    return name
+
+
+def save_erasure(erasure: Erasure, path: str) -> None:
+    a = erasure.adapter
+    tensors = {
+        "gate.directions": a.gate_basis,
+        "gate.center": a.gate_center,
+        "gate.threshold": a.gate_threshold,
+        "gate.log_temperature": a.gate_log_temperature,
+    }
+    for p, down, up in zip(a.projections, a.lora_down, a.lora_up):
+        tensors[f"{p.name}.lora_down"] = down
+        tensors[f"{p.name}.lora_up"] = up
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    info = {k: v for k, v in erasure.info.items() if k != "history"}
+    if erasure.info.get("history"):
+        info["final_losses"] = erasure.info["history"][-1]
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "family": erasure.family,
+        "projections": json.dumps([[p.name, p.in_features, p.out_features] for p in a.projections]),
+        "request": json.dumps(erasure.request.to_json()),
+        "num_concepts": str(a.num_concepts),
+        "rank": str(a.rank),
+        "gate_rank": str(a.gate_basis.shape[-1]),
+        "info": json.dumps(info, default=str),
+    }
+    save_file(tensors, path, metadata=metadata)
+
+
+def load_erasure(path: str) -> Erasure:
+    name = os.path.basename(path)
+    if not path.endswith(".safetensors"):
+        raise ErasureFileError(f"'{name}' is not a .safetensors file; ACE only loads safetensors erasure files.")
+    if not os.path.isfile(path):
+        raise ErasureFileError(f"There is no erasure file '{name}'.")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ErasureFileError(f"'{name}' is corrupted or not a safetensors file ({e}).") from None
+    if metadata.get("format") != FORMAT:
+        raise ErasureFileError(
+            f"'{name}' is not an ACE erasure file (a plain LoRA or another model file?). "
+            "Load LoRAs with ComfyUI's LoraLoader; load erasures saved by ACE Save Erasure."
+        )
+    try:
+        version = int(metadata.get("format_version", "0"))
+    except ValueError:
+        version = -1
+    if version != FORMAT_VERSION:
+        raise ErasureFileError(
+            f"'{name}' uses erasure format version {metadata.get('format_version')}; this version of "
+            f"the pack reads version {FORMAT_VERSION}. Update the pack or re-create the erasure."
+        )
+    try:
+        projections = [Projection(n, int(i), int(o)) for n, i, o in json.loads(metadata["projections"])]
+        request = ConceptRequest.from_json(json.loads(metadata["request"]))
+        info = json.loads(metadata.get("info", "{}"))
+        family = metadata["family"]
+    except (KeyError, ValueError, TypeError) as e:
+        raise ErasureFileError(f"'{name}' has broken metadata ({e}); re-create the erasure.") from None
+
+    def get(key, shape):
+        if key not in tensors:
+            raise ErasureFileError(f"'{name}' is incomplete: tensor '{key}' is missing.")
+        t = tensors.pop(key)
+        if tuple(t.shape) != tuple(shape):
+            raise ErasureFileError(f"'{name}' is damaged: '{key}' has shape {tuple(t.shape)}, expected {tuple(shape)}.")
+        if not torch.isfinite(t).all():
+            raise ErasureFileError(f"'{name}' is damaged: '{key}' holds NaN or infinite values.")
+        return t
+
+    K, r, kg = int(metadata["num_concepts"]), int(metadata["rank"]), int(metadata["gate_rank"])
+    if K != len(request.concepts) or not projections:
+        raise ErasureFileError(f"'{name}' has inconsistent metadata; re-create the erasure.")
+    d = projections[0].in_features
+    adapter = GatedAdapter(
+        projections,
+        gate_basis=get("gate.directions", (K, d, kg)),
+        gate_center=get("gate.center", (K, d)),
+        gate_threshold=get("gate.threshold", (K,)),
+        gate_log_temperature=get("gate.log_temperature", (K,)),
+        lora_down=[get(f"{p.name}.lora_down", (K, r, p.in_features)) for p in projections],
+        lora_up=[get(f"{p.name}.lora_up", (K, p.out_features, r)) for p in projections],
+    )
+    if tensors:
+        raise ErasureFileError(f"'{name}' has unexpected tensors ({sorted(tensors)[0]}, ...); it is not an erasure this pack wrote.")
+    return Erasure(family, request, adapter, info)
+
+
+def diffusers_name(ldm_name: str, num_res_blocks: int) -> str:
+    """The diffusers module path of an LDM/ComfyUI UNet attention projection."""
+    m = re.fullmatch(r"(input_blocks|output_blocks)\.(\d+)\.1\.(.+)", ldm_name)
+    if m:
+        kind, n, rest = m.group(1), int(m.group(2)), m.group(3)
+        if kind == "input_blocks":
+            return f"down_blocks.{(n - 1) // (num_res_blocks + 1)}.attentions.{(n - 1) % (num_res_blocks + 1)}.{rest}"
+        return f"up_blocks.{n // (num_res_blocks + 1)}.attentions.{n % (num_res_blocks + 1)}.{rest}"
+    m = re.fullmatch(r"middle_block\.1\.(.+)", ldm_name)
+    if m:
+        return f"mid_block.attentions.0.{m.group(1)}"
+    raise ValueError(f"no diffusers name for UNet layer '{ldm_name}'")
+
+
+def lora_state_dict(erasure: Erasure, num_res_blocks: int, strength: float = 1.0) -> dict[str, torch.Tensor]:
+    """The portable LoRA: Σ_c B_c A_c with every gate open, in the kohya key layout that ComfyUI's
+    LoraLoader, A1111 and diffusers load (diffusers module names for SD1.x/SD2.x, the original
+    LDM names for SDXL and the toy model, as their trainers write them)."""
+    if not math.isfinite(strength):
+        raise ValueError(f"strength must be a finite number, got {strength!r}")
+    a = erasure.adapter
+    out = {}
+    for p, down, up in zip(a.projections, a.lora_down, a.lora_up):
+        module = diffusers_name(p.name, num_res_blocks) if erasure.family in ("sd1", "sd2") else p.name
+        key = "lora_unet_" + module.replace(".", "_")
+        down = down.detach().float().cpu().flatten(0, 1)  # [K r, d]
+        up = up.detach().float().cpu().permute(1, 0, 2).flatten(1) * strength  # [o, K r]
+        out[f"{key}.lora_down.weight"] = down.contiguous()
+        out[f"{key}.lora_up.weight"] = up.contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: scale 1
+    return out
+
+
+def export_lora(erasure: Erasure, path: str, num_res_blocks: int, strength: float = 1.0) -> None:
+    concepts = ", ".join(c.target for c in erasure.request.concepts)
+    save_file(
+        lora_state_dict(erasure, num_res_blocks, strength),
+        path,
+        metadata={"ss_network_module": "networks.lora", "ace_family": erasure.family, "ace_concepts": concepts},
+    )

@@ -1,0 +1,202 @@
+"""Stage 0: which token embeddings carry a concept.
+
+Each phrase of a concept (its target and synonyms) is written into a handful of prompt templates
+and encoded; the same templates are encoded with the neutral anchor. With a causal text encoder
+such as CLIP, the concept lives in its own tokens *and in every token after it* (end-of-text and
+padding included), so all those positions are collected. They are paired with the neutral prompt
+by aligning the two prompts *after* the concept word, since the concept and the anchor may
+tokenize to different lengths. The result is the matrices of the method note:
+`C` (concept embeddings), `N` (their neutral counterparts) and `P` (embeddings to preserve:
+the preserve concepts, the neutral prompts and a pool of everyday prompts).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from .concepts import Concept, ConceptRequest
+
+# "{}" marks where the concept goes. Varied positions and contexts make the edit hold when the
+# concept is prompted in words the templates never used.
+CONCEPT_TEMPLATES = (
+    "{}",
+    "a photo of {}",
+    "a painting of {}",
+    "an image of {}",
+    "{} in the style of art",
+    "a detailed picture of {}, high quality",
+    "a close-up of {}",
+    "a drawing showing {} in a room",
+)
+
+# Everyday prompts whose renders must not change (the generic part of `P`).
+EVERYDAY_PROMPTS = (
+    "a dog running on the beach",
+    "a portrait of a woman smiling",
+    "a city street at night with lights",
+    "a bowl of fruit on a wooden table",
+    "a mountain lake at sunrise",
+    "an old man reading a newspaper",
+    "a red car parked by the road",
+    "a cat sleeping on a sofa",
+    "a forest path in autumn",
+    "a cup of coffee on a desk",
+    "a child playing with a ball",
+    "a landscape painting of hills",
+    "a house with a garden",
+    "a plate of pasta",
+    "a sailing boat on the sea",
+    "a bird sitting on a branch",
+    "a watercolor of flowers",
+    "a group of people at a concert",
+    "a bridge over a river",
+    "a snowy village in winter",
+    "a bicycle leaning on a wall",
+    "a pencil sketch of a horse",
+    "an astronaut in space",
+    "a kitchen with white cabinets",
+    "a train crossing the countryside",
+    "a man in a suit",
+    "a photo of a building",
+    "a simple shape on a plain background",
+    "a colorful abstract pattern",
+    "a book on a shelf",
+    "",
+    "a picture",
+)
+
+
+class TextEncoder(Protocol):
+    """What stage 0 needs from a model's text encoder.
+
+    `encode` returns the token embeddings the UNet's cross-attention receives, `[n, L, d]`, with
+    every prompt padded to the same length `L`. `count_tokens` counts a text's tokens without the
+    start/end markers; `start_tokens` is the number of tokens before a prompt's first word
+    (1 for CLIP's start-of-text token).
+    """
+
+    start_tokens: int
+
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+
+@dataclass
+class ConceptTokens:
+    """Everything stage 1 and stage 2 need about one concept.
+
+    `concept_context`/`neutral_context` are whole prompts `[T, L, d]` (template t with the
+    concept, and with the anchor); `concept_mask` `[T, L]` marks the positions that carry the
+    concept; `concept_index`/`neutral_index` `[n, 2]` hold the aligned (prompt, position) pairs
+    whose embeddings are the columns of `C` and `N`.
+    """
+
+    concept: Concept
+    prompts: list[str]
+    neutral_prompts: list[str]
+    concept_context: torch.Tensor
+    neutral_context: torch.Tensor
+    concept_mask: torch.Tensor
+    concept_index: torch.Tensor
+    neutral_index: torch.Tensor
+    is_phrase: torch.Tensor
+
+    @property
+    def C(self) -> torch.Tensor:
+        t, p = self.concept_index.unbind(1)
+        return self.concept_context[t, p]
+
+    @property
+    def N(self) -> torch.Tensor:
+        t, p = self.neutral_index.unbind(1)
+        return self.neutral_context[t, p]
+
+
+@dataclass
+class RequestTokens:
+    concepts: list[ConceptTokens]
+    preserve_prompts: list[str]
+    preserve_context: torch.Tensor  # [Tp, L, d]: preserve concepts in templates, and everyday prompts
+
+    @property
+    def P(self) -> torch.Tensor:
+        """Preserve embeddings: every position of every preserve prompt and of every neutral prompt."""
+        neutral = [c.neutral_context.flatten(0, 1) for c in self.concepts]
+        return torch.cat([self.preserve_context.flatten(0, 1), *neutral])
+
+
+def fill(template: str, phrase: str) -> str:
+    return " ".join(template.format(phrase).split()).strip(" ,")
+
+
+def _prefix_tokens(encoder: TextEncoder, template: str) -> int:
+    prefix = template.split("{}")[0].strip()
+    return encoder.start_tokens + (encoder.count_tokens(prefix) if prefix else 0)
+
+
+def _encode(encoder: TextEncoder, prompts: list[str], batch: int = 32) -> torch.Tensor:
+    with torch.no_grad():
+        parts = [encoder.encode(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]
+    return torch.cat(parts).float()
+
+
+def collect_concept(
+    encoder: TextEncoder, concept: Concept, templates: Sequence[str] = CONCEPT_TEMPLATES
+) -> ConceptTokens:
+    """Encode one concept's phrases in every template, and pair concept and neutral positions."""
+    prompts, neutral_prompts, starts, lengths = [], [], [], []
+    n_anchor = encoder.count_tokens(concept.anchor) if concept.anchor else 0
+    for phrase in concept.phrases:
+        n_phrase = encoder.count_tokens(phrase)
+        for template in templates:
+            prompts.append(fill(template, phrase))
+            neutral_prompts.append(fill(template, concept.anchor))
+            starts.append(_prefix_tokens(encoder, template))
+            lengths.append(n_phrase)
+    concept_context = _encode(encoder, prompts)
+    neutral_context = _encode(encoder, neutral_prompts)
+    T, L, _ = concept_context.shape
+
+    concept_mask = torch.zeros(T, L, dtype=torch.bool)
+    concept_index, neutral_index, is_phrase = [], [], []
+    for t, (s, n_c) in enumerate(zip(starts, lengths)):
+        if s + n_c > L:
+            raise ValueError(
+                f"'{prompts[t]}' does not fit the text encoder's {L} tokens; shorten the concept."
+            )
+        for pos in range(s, L):
+            i = pos - s
+            if i < n_c:  # a token of the concept itself: spread it over the anchor's tokens
+                neutral_pos = s + (i * n_anchor) // n_c if n_anchor else s
+            else:  # after the concept: the same offset after the anchor
+                neutral_pos = s + n_anchor + (i - n_c)
+            concept_mask[t, pos] = True
+            is_phrase.append(i < n_c)
+            concept_index.append((t, pos))
+            neutral_index.append((t, min(neutral_pos, L - 1)))
+    return ConceptTokens(
+        concept,
+        prompts,
+        neutral_prompts,
+        concept_context,
+        neutral_context,
+        concept_mask,
+        torch.tensor(concept_index),
+        torch.tensor(neutral_index),
+        torch.tensor(is_phrase),
+    )
+
+
+def collect_request(
+    encoder: TextEncoder,
+    request: ConceptRequest,
+    templates: Sequence[str] = CONCEPT_TEMPLATES,
+    everyday_prompts: Sequence[str] = EVERYDAY_PROMPTS,
+) -> RequestTokens:
+    concepts = [collect_concept(encoder, c, templates) for c in request.concepts]
+    preserve_prompts = [fill(t, p) for p in request.preserve for t in templates]
+    preserve_prompts += list(everyday_prompts)
+    return RequestTokens(concepts, preserve_prompts, _encode(encoder, preserve_prompts))

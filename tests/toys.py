@@ -1,0 +1,95 @@
+"""Small plain-torch stand-ins for a text encoder and a cross-attention UNet.
+
+They let `ace/` be tested in milliseconds without ComfyUI. The encoder is causal like CLIP: each
+token's embedding mixes in the words before it, so a concept leaks into every later position.
+The network names its projections `...attn2.to_k` / `...attn2.to_v` like ComfyUI's UNets.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+import torch
+
+
+def _word_vector(word: str, width: int) -> torch.Tensor:
+    seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
+    return torch.randn(width, generator=torch.Generator().manual_seed(seed))
+
+
+class ToyTextEncoder:
+    start_tokens = 1
+
+    def __init__(self, width: int = 64, length: int = 16, synonyms: dict[str, str] | None = None):
+        self.width, self.length = width, length
+        # synonym -> word it means; the synonym's vector is mostly the word's vector
+        self.synonyms = synonyms or {}
+        self.bos = _word_vector("<bos>", width) * 3
+        self.eos = _word_vector("<eos>", width)
+
+    def words(self, text: str) -> list[str]:
+        return re.findall(r"[\w']+|[^\w\s]", text.lower())
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.words(text))
+
+    def _vector(self, word: str) -> torch.Tensor:
+        if word in self.synonyms:
+            return 0.8 * _word_vector(self.synonyms[word], self.width) + 0.6 * _word_vector(word, self.width)
+        return _word_vector(word, self.width)
+
+    def encode(self, prompts) -> torch.Tensor:
+        out = torch.empty(len(prompts), self.length, self.width)
+        for i, prompt in enumerate(prompts):
+            vectors = [self.bos] + [self._vector(w) for w in self.words(prompt)][: self.length - 2]
+            vectors += [self.eos] * (self.length - len(vectors))
+            running = torch.zeros(self.width)
+            for t, v in enumerate(vectors):
+                out[i, t] = v + 0.5 * running / max(t, 1)
+                running = running + v
+        return out
+
+
+class ToyCrossAttention(torch.nn.Module):
+    def __init__(self, channels: int, context: int, inner: int):
+        super().__init__()
+        self.to_q = torch.nn.Linear(channels, inner, bias=False)
+        self.to_k = torch.nn.Linear(context, inner, bias=False)
+        self.to_v = torch.nn.Linear(context, inner, bias=False)
+        self.to_out = torch.nn.Linear(inner, channels)
+
+    def forward(self, x, context):
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        attn = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, -1)
+        return self.to_out(attn @ v)
+
+
+class ToyBlock(torch.nn.Module):
+    def __init__(self, channels, context, inner):
+        super().__init__()
+        self.attn2 = ToyCrossAttention(channels, context, inner)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(channels, channels * 2), torch.nn.GELU(), torch.nn.Linear(channels * 2, channels))
+
+    def forward(self, h, context):
+        h = h + self.attn2(h, context)
+        return h + self.mlp(h)
+
+
+class ToyUNet(torch.nn.Module):
+    """A denoiser D(x, sigma, context) -> x0 estimate on [B, C, H, W] images."""
+
+    def __init__(self, context: int = 64, channels: int = 32, in_channels: int = 4, depth: int = 3, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.proj_in = torch.nn.Conv2d(in_channels + 1, channels, 3, padding=1)
+        self.blocks = torch.nn.ModuleList(ToyBlock(channels, context, channels + 16 * i) for i in range(depth))
+        self.proj_out = torch.nn.Conv2d(channels, in_channels, 3, padding=1)
+
+    def forward(self, x, sigma, context):
+        b, _, h, w = x.shape
+        level = torch.log(sigma).view(-1, 1, 1, 1).expand(b, 1, h, w)
+        t = self.proj_in(torch.cat([x / (1 + sigma.view(-1, 1, 1, 1) ** 2).sqrt(), level], 1))
+        tokens = t.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            tokens = block(tokens, context)
+        return x - sigma.view(-1, 1, 1, 1) * self.proj_out(tokens.transpose(1, 2).reshape(b, -1, h, w))
