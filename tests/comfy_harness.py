@@ -1,0 +1,564 @@
+"""Run this pack inside a real ComfyUI, in-process or as a server, with tiny random models.
+
+Nothing here mocks ComfyUI: the pack is loaded by ComfyUI's own loader, graphs run through its
+`execution.PromptExecutor`, checkpoints load through its `CheckpointLoaderSimple`, and
+`ComfyServer` starts its `main.py` and talks to it over HTTP.
+
+ComfyUI is found through COMFYUI_PATH, else the path `scripts/setup.sh` wrote to
+.cache/comfyui-path. Our `nodes/` package clashes with ComfyUI's top-level `nodes` module, so
+ComfyUI's folder goes first on sys.path and tests never `import nodes` from this repository.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PACK_NAME = "comfyui-ace"  # the folder name users clone into custom_nodes/
+MODEL_CACHE = REPO / ".cache" / "test-models"
+
+# Bump when the tiny checkpoint's recipe changes; the cached file is keyed by it.
+TINY_SD15_VERSION = 1
+TINY_SD15_NAME = f"ace-tiny-sd15-v{TINY_SD15_VERSION}.safetensors"
+TINY_SD15_SEED = 1234
+
+# The tiny SD1.5 UNet: ComfyUI detects SD15 from model_channels=320 and 768-wide context, the rest
+# is cut to one level. This is the config ComfyUI's detector reports for the saved file.
+TINY_SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+    "num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1],
+    "transformer_depth_output": [1, 1], "transformer_depth_middle": 1, "context_dim": 768,
+    "use_linear_in_transformer": False, "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+
+
+class HarnessError(RuntimeError):
+    """The test set-up itself is broken (no ComfyUI, server did not start, ...)."""
+
+
+# --- finding and starting ComfyUI ---------------------------------------------------------------
+
+def find_comfyui() -> Path:
+    """ComfyUI's folder: $COMFYUI_PATH, else the one recorded by scripts/setup.sh."""
+    env = os.environ.get("COMFYUI_PATH")
+    recorded = REPO / ".cache" / "comfyui-path"
+    if env:
+        path, source = Path(env), "COMFYUI_PATH"
+    elif recorded.is_file():
+        path, source = Path(recorded.read_text().strip()), str(recorded)
+    else:
+        raise HarnessError(
+            "No ComfyUI found: set COMFYUI_PATH to a ComfyUI folder (the one holding main.py), "
+            "or run `bash scripts/setup.sh` to unpack the pinned ComfyUI 0.3.75."
+        )
+    if not (path / "main.py").is_file() or not (path / "comfy").is_dir():
+        raise HarnessError(
+            f"{path} (from {source}) is not a ComfyUI folder: no main.py and comfy/. "
+            "Fix COMFYUI_PATH or run `bash scripts/setup.sh`."
+        )
+    return path.resolve()
+
+
+@dataclass
+class ComfyEnv:
+    """The in-process ComfyUI: where it lives, its temp base folder, and our loaded pack."""
+
+    comfy_path: Path
+    base_dir: Path
+    pack_module: str  # the name ComfyUI gave our package in sys.modules
+    node_ids: list[str] = field(default_factory=list)
+
+
+_ENV: ComfyEnv | None = None
+
+
+def link_pack(custom_nodes: Path) -> Path:
+    """Put this checkout into a custom_nodes folder as `comfyui-ace`, as a user's clone would be."""
+    custom_nodes.mkdir(parents=True, exist_ok=True)
+    link = custom_nodes / PACK_NAME
+    if not link.exists():
+        link.symlink_to(REPO, target_is_directory=True)
+    return link
+
+
+def init_comfyui(base_dir: Path) -> ComfyEnv:
+    """Initialise ComfyUI in this process once (CPU, PyTorch attention, folders under base_dir),
+    load its built-in extra nodes and this pack with ComfyUI's own loader."""
+    global _ENV
+    if _ENV is not None:
+        return _ENV
+    comfy_path = find_comfyui()
+    # ComfyUI first: its `nodes` module must win over this repo's `nodes/` package. The repo
+    # root may stay on sys.path (for `import ace`), but behind ComfyUI.
+    sys.path[:] = [str(comfy_path)] + [p for p in sys.path if p != str(comfy_path)]
+
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.use_pytorch_cross_attention = True
+    comfy.cli_args.args.disable_api_nodes = True
+
+    # As main.py does, before anything imports ComfyUI's `nodes`: that module puts ComfyUI/comfy
+    # first on sys.path, after which `import utils` would find comfy/utils.py instead of the
+    # `utils` package that server.py needs (comfy_extras/nodes_images.py then fails to load).
+    import utils.extra_config  # noqa: F401
+    import folder_paths
+
+    base_dir = Path(base_dir)
+    for kind in ("output", "input", "temp", "user"):
+        (base_dir / kind).mkdir(parents=True, exist_ok=True)
+    folder_paths.set_output_directory(str(base_dir / "output"))
+    folder_paths.set_input_directory(str(base_dir / "input"))
+    folder_paths.set_temp_directory(str(base_dir / "temp"))
+    folder_paths.set_user_directory(str(base_dir / "user"))
+    # Every model folder points into base_dir only, so a user's own models never leak in.
+    for name, (_paths, exts) in list(folder_paths.folder_names_and_paths.items()):
+        if name == "custom_nodes":
+            continue
+        folder = base_dir / "models" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        folder_paths.folder_names_and_paths[name] = ([str(folder)], exts)
+    folder_paths.models_dir = str(base_dir / "models")
+
+    import comfy.model_management  # noqa: F401  (needs args.cpu set first)
+    import nodes
+
+    if Path(nodes.__file__).resolve() != comfy_path / "nodes.py":
+        raise HarnessError(f"`nodes` was imported from {nodes.__file__}, not from ComfyUI; never `import nodes` from this repository")
+    before = set(nodes.NODE_CLASS_MAPPINGS)
+    pack_path = link_pack(base_dir / "custom_nodes")
+
+    async def load():
+        await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
+        return await nodes.load_custom_node(str(pack_path))
+
+    if not asyncio.run(load()):
+        raise HarnessError(f"ComfyUI could not load the pack from {pack_path}; see the log above.")
+    ours = sorted(
+        k for k, cls in nodes.NODE_CLASS_MAPPINGS.items()
+        if k not in before and getattr(cls, "RELATIVE_PYTHON_MODULE", "") == f"custom_nodes.{PACK_NAME}"
+    )
+    if not ours:
+        raise HarnessError("the pack loaded but registered no nodes")
+    nodes.NODE_CLASS_MAPPINGS[InMemoryModel.NODE_ID] = InMemoryModel
+    _ENV = ComfyEnv(comfy_path, base_dir, pack_module=str(pack_path).replace(".", "_x_"), node_ids=ours)
+    return _ENV
+
+
+def pack_module(name: str = ""):
+    """A module of this pack as ComfyUI loaded it, e.g. pack_module("ace.families").
+
+    Use it for classes whose identity matters (exceptions): importing `ace` directly gives a
+    second copy of the module whose classes are not the ones the nodes raise.
+    """
+    import importlib
+
+    if _ENV is None:
+        raise HarnessError("init_comfyui() has not run; use the `comfy` fixture")
+    return importlib.import_module(_ENV.pack_module + (f".{name}" if name else ""))
+
+
+# --- tiny random models --------------------------------------------------------------------------
+
+def _randomize_(module, seed: int) -> None:
+    """Seeded random weights for a module built with ComfyUI's ops (which skip initialisation).
+
+    Matrices and kernels ~ N(0, 1/fan_in), biases and shifts 0, norm scales 1 (a random norm
+    scale makes the UNet's output nearly constant).
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for name, t in module.state_dict(keep_vars=True).items():
+            if not t.is_floating_point():
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if t.ndim >= 2:
+                t.normal_(0.0, t[0].numel() ** -0.5)
+            elif leaf in ("bias", "vae_shift") or t.ndim == 0 and leaf != "vae_scale":
+                t.zero_()
+            else:  # norm scales, vae_scale
+                t.fill_(1.0)
+
+
+def build_tiny_sd15_checkpoint(path: Path, seed: int = TINY_SD15_SEED) -> Path:
+    """Write a tiny random SD1.5-format checkpoint that ComfyUI's loader detects as SD15.
+
+    UNet: TINY_SD15_UNET (25.8 M parameters); CLIP-L: ComfyUI's own, random (123.6 M); VAE: a
+    random TAESD (2.4 M), which ComfyUI recognises by its key names. Stored as fp16.
+    """
+    import torch
+
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.taesd.taesd
+    import comfy.utils
+
+    config = comfy.supported_models.SD15(TINY_SD15_UNET)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device="cpu")
+    _randomize_(model.diffusion_model, seed)
+    clip = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32)
+    _randomize_(clip, seed + 1)
+    taesd = comfy.taesd.taesd.TAESD()
+    _randomize_(taesd, seed + 2)
+
+    sd = model.state_dict_for_saving(clip.state_dict(), taesd.state_dict())
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".partial-{os.getpid()}")
+    comfy.utils.save_torch_file(sd, str(partial), metadata={"ace_test_model": f"tiny-sd15-v{TINY_SD15_VERSION}"})
+    partial.replace(path)
+    return path
+
+
+def tiny_sd15_checkpoint() -> Path:
+    """The cached tiny SD1.5 checkpoint (.cache/test-models/), built on first use."""
+    path = MODEL_CACHE / TINY_SD15_NAME
+    if not path.is_file():
+        build_tiny_sd15_checkpoint(path)
+    return path
+
+
+def install_checkpoint(checkpoint: Path, models_dir: Path) -> str:
+    """Make a checkpoint visible in models_dir/checkpoints; return the name ComfyUI lists."""
+    folder = models_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / checkpoint.name
+    if not target.exists():
+        target.symlink_to(checkpoint)
+    return checkpoint.name
+
+
+def load_checkpoint(ckpt_name: str):
+    """(MODEL, CLIP, VAE) through ComfyUI's own CheckpointLoaderSimple node."""
+    import nodes
+
+    return nodes.CheckpointLoaderSimple().load_checkpoint(ckpt_name)
+
+
+def _in_memory(config_class_name: str, unet_config: dict, seed: int):
+    import torch
+
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = getattr(comfy.supported_models, config_class_name)(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device="cpu")
+    _randomize_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=comfy.model_management.get_torch_device(), offload_device=torch.device("cpu")
+    )
+
+
+_SMALL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "in_channels": 4, "out_channels": 4, "model_channels": 64, "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2], "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+
+
+def tiny_sd2_model(seed: int = 2):
+    """An SD2.x-family MODEL (ComfyUI's SD20 config) built in memory: 2 levels, widths 64/128,
+    1024-wide context, linear projections in the transformers; 7 cross-attention layers."""
+    return _in_memory("SD20", {
+        **_SMALL_UNET, "adm_in_channels": None, "context_dim": 1024, "use_linear_in_transformer": True,
+        "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
+    }, seed)
+
+
+def tiny_sdxl_model(seed: int = 3):
+    """An SDXL-family MODEL (ComfyUI's SDXL config) built in memory: widths 64/128, 2048-wide
+    context, no attention at the first level and depth 2 below it (as in SDXL), ADM input 2816;
+    8 cross-attention layers."""
+    return _in_memory("SDXL", {
+        **_SMALL_UNET, "adm_in_channels": 2816, "num_classes": "sequential", "context_dim": 2048,
+        "use_linear_in_transformer": True, "transformer_depth": [0, 2],
+        "transformer_depth_output": [0, 0, 2, 2], "transformer_depth_middle": 2,
+    }, seed)
+
+
+def tiny_sd1_without_cross_attention(seed: int = 4):
+    """An SD15-config MODEL whose UNet has no transformers, so no cross-attention at all."""
+    return _in_memory("SD15", {
+        **_SMALL_UNET, "adm_in_channels": None, "context_dim": 768, "use_linear_in_transformer": False,
+        "transformer_depth": [0, 0], "transformer_depth_output": [0, 0, 0, 0], "transformer_depth_middle": 0,
+    }, seed)
+
+
+def tiny_flux_model(seed: int = 5):
+    """A Flux-family MODEL (joint attention, no attn2 cross-attention) built in memory."""
+    return _in_memory("Flux", {
+        "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+        "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+        "depth_single_blocks": 1, "axes_dim": [4, 14, 14], "theta": 10000, "patch_size": 2,
+        "qkv_bias": True, "guidance_embed": True,
+    }, seed)
+
+
+# --- running graphs in-process -------------------------------------------------------------------
+
+_IN_MEMORY: dict[str, Any] = {}
+
+
+class InMemoryModel:
+    """Test-only node: hands the executor a MODEL built in memory (see `in_memory_model_node`)."""
+
+    NODE_ID = "ACETest_InMemoryModel"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "provide"
+    CATEGORY = "ACE tests"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"name": ("STRING", {"default": ""})}}
+
+    @classmethod
+    def IS_CHANGED(cls, name):
+        return id(_IN_MEMORY.get(name))
+
+    def provide(self, name):
+        return (_IN_MEMORY[name],)
+
+
+def in_memory_model_node(name: str, model) -> dict:
+    """Register a MODEL object under `name`; return the API-format node that outputs it."""
+    _IN_MEMORY[name] = model
+    return {"class_type": InMemoryModel.NODE_ID, "inputs": {"name": name}}
+
+
+class _HeadlessServer:
+    """What PromptExecutor needs of the server: client_id (None: nobody listens), last_node_id,
+    and send_sync. Messages are kept for inspection."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages: list[tuple[str, Any]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+class GraphError(RuntimeError):
+    """A graph failed validation or a node raised; `.node_id`, `.exception_type`, `.details`."""
+
+    def __init__(self, message: str, node_id=None, exception_type=None, details=None):
+        super().__init__(message)
+        self.node_id = node_id
+        self.exception_type = exception_type
+        self.details = details
+
+
+@dataclass
+class GraphResult:
+    """`outputs[node_id]` is the node's output tuple (each slot unwrapped when it holds one
+    value); `ui[node_id]` its UI output (what the frontend shows); `messages` the executor's."""
+
+    outputs: dict[str, tuple]
+    ui: dict[str, dict]
+    messages: list
+
+
+_EXECUTOR = None
+
+
+def run_graph(prompt: dict, fresh_cache: bool = False) -> GraphResult:
+    """Validate and run an API-format graph with ComfyUI's PromptExecutor, as the server would.
+
+    The executor lives for the whole session, so like ComfyUI it reuses cached node outputs
+    (a checkpoint loads once); pass fresh_cache=True to start from an empty cache.
+    Raises GraphError with ComfyUI's message when validation or a node fails.
+    """
+    global _EXECUTOR
+    import execution
+
+    if _ENV is None:
+        raise HarnessError("init_comfyui() has not run; use the `comfy` fixture")
+    if _EXECUTOR is None or fresh_cache:
+        _EXECUTOR = execution.PromptExecutor(
+            _HeadlessServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
+        )
+    prompt_id = str(uuid.uuid4())
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not valid:
+        raise GraphError(
+            f"graph failed validation: {error['message']}: {error['details']} {json.dumps(node_errors)}",
+            details=node_errors,
+        )
+    _EXECUTOR.execute(prompt, prompt_id, {}, outputs)
+    if not _EXECUTOR.success:
+        for event, data in _EXECUTOR.status_messages:
+            if event == "execution_error":
+                raise GraphError(
+                    f"node {data['node_id']} ({data['node_type']}) failed: "
+                    f"{data['exception_type']}: {data['exception_message'].strip()}",
+                    node_id=data["node_id"], exception_type=data["exception_type"], details=data,
+                )
+        raise GraphError(f"execution failed: {_EXECUTOR.status_messages}")
+    results = {}
+    for node_id in prompt:
+        entry = _EXECUTOR.caches.outputs.get(node_id)
+        if entry is not None:
+            results[node_id] = tuple(v[0] if isinstance(v, list) and len(v) == 1 else v for v in entry.outputs)
+    return GraphResult(results, dict(_EXECUTOR.history_result["outputs"]), list(_EXECUTOR.status_messages))
+
+
+# --- the real server -----------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """ComfyUI's real server (`main.py`) in a subprocess, on loopback, CPU only.
+
+    Its base directory is a temp folder: models/checkpoints holds the given checkpoints and
+    custom_nodes/comfyui-ace links to this checkout (as a user's clone would be), so only this
+    pack and ComfyUI's built-ins load. Use as a context manager; the process group is killed on
+    exit. The server log is in `log_path`.
+    """
+
+    def __init__(self, base_dir: Path, checkpoints: list[Path] = (), start_timeout: float = 120.0,
+                 extra_args: list[str] = ()):
+        self.base_dir = Path(base_dir)
+        self.checkpoints = list(checkpoints)
+        self.start_timeout = start_timeout
+        self.extra_args = list(extra_args)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.base_dir / "server.log"
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ComfyServer":
+        comfy_path = find_comfyui()
+        for name in self.checkpoints:
+            install_checkpoint(name, self.base_dir / "models")
+        link_pack(self.base_dir / "custom_nodes")
+        cmd = [
+            sys.executable, "main.py", "--cpu", "--use-pytorch-cross-attention",
+            "--listen", "127.0.0.1", "--port", str(self.port),
+            "--base-directory", str(self.base_dir), "--database-url", "sqlite:///:memory:",
+            "--disable-auto-launch", "--disable-api-nodes", *self.extra_args,
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "DO_NOT_TRACK": "1"}
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            cmd, cwd=comfy_path, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True,
+        )
+        try:
+            self._wait_until_up()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            pgid = os.getpgid(self.process.pid)
+            os.killpg(pgid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(pgid, signal.SIGKILL)
+                self.process.wait(timeout=15)
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def _wait_until_up(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise HarnessError(f"ComfyUI exited with {self.process.returncode} while starting:\n{self.log_tail()}")
+            try:
+                self.get("/system_stats", timeout=2)
+                return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                time.sleep(0.25)
+        raise HarnessError(f"ComfyUI did not answer /system_stats within {self.start_timeout:.0f} s:\n{self.log_tail()}")
+
+    def get(self, route: str, timeout: float = 10):
+        with urllib.request.urlopen(self.url + route, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def post(self, route: str, payload: dict, timeout: float = 10):
+        request = urllib.request.Request(
+            self.url + route, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:  # ComfyUI answers 400 with the validation errors
+            raise GraphError(f"POST {route} -> {e.code}: {e.read().decode(errors='replace')}") from None
+
+    def submit(self, prompt: dict) -> str:
+        """Queue an API-format graph (POST /prompt); returns its prompt_id."""
+        return self.post("/prompt", {"prompt": prompt, "client_id": "ace-tests"})["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 120.0) -> dict:
+        """Poll /history/<id> until the prompt is done; returns its history entry
+        (`outputs`, `status` with `status_str`, `completed` and `messages`)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            if self.process.poll() is not None:
+                raise HarnessError(f"ComfyUI exited while running {prompt_id}:\n{self.log_tail()}")
+            time.sleep(0.2)
+        raise HarnessError(f"prompt {prompt_id} not done within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def run(self, prompt: dict, timeout: float = 120.0) -> dict:
+        """submit + wait: the finished history entry."""
+        return self.wait(self.submit(prompt), timeout)
+
+
+def copy_tracked_tree(dest: Path) -> Path:
+    """Copy this checkout's tracked and not-ignored files (the working copy) to dest."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, check=True, capture_output=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
