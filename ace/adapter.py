@@ -96,8 +96,8 @@ class GatedAdapter(torch.nn.Module):
         }
 
     @contextlib.contextmanager
-    def attached(self, unet: torch.nn.Module) -> Iterator["GatedAdapter"]:
-        """Attach to a plain torch UNet for the duration of the block (restores it after)."""
+    def attached(self, unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """Attach to a plain torch UNet for the duration of the block (restored after); yields it."""
         modules = dict(unet.named_modules())
         patches = self.patched_forwards(modules)
         missing = [p.name for p in self.projections if p.name not in modules]
@@ -106,7 +106,7 @@ class GatedAdapter(torch.nn.Module):
         for name, forward in patches.items():
             setattr(modules[name.removesuffix(".forward")], "forward", forward)
         try:
-            yield self
+            yield unet
         finally:
             for name in patches:
                 module = modules[name.removesuffix(".forward")]

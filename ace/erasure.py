@@ -3,7 +3,7 @@ whole method from a concept request to that erasure (stages 0, 1 and 2 in order)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -52,7 +52,7 @@ def erase(
     request: ConceptRequest,
     closed_form: ClosedFormConfig = ClosedFormConfig(),
     training: FinetuneConfig = FinetuneConfig(),
-    denoise: Denoiser | None = None,
+    attach: Callable[[GatedAdapter], ContextManager[Denoiser]] | None = None,
     latent_shape: tuple[int, ...] | None = None,
     sample_sigmas: torch.Tensor | None = None,
     train_sigmas: torch.Tensor | None = None,
@@ -60,30 +60,33 @@ def erase(
     callback: Callable[[StepReport], bool | None] | None = None,
 ) -> Erasure:
     """Stage 0 (token collection), stage 1 (closed form) and, when `training.steps > 0`,
-    stage 2 (fine-tuning). Stage 2 needs `denoise` (the network with this adapter attached, see
-    `GatedAdapter.attached`/`patched_forwards`), the latent shape and the noise levels to sample
-    the concept's examples with (descending, ending at 0) and to train at."""
+    stage 2 (fine-tuning). Stage 2 needs `attach(adapter)`, a context manager yielding the
+    denoiser `D(x_t, σ, context)` with the adapter attached (for a plain network,
+    `adapter.attached(unet)`; in ComfyUI, a patched clone of the model), the latent shape and
+    the noise levels to sample the concept's examples with (descending, ending at 0) and to
+    train at."""
     check_family(family, projections)
     tokens = collect_request(encoder, request)
     adapter, info = closed_form_erasure(tokens, weights, projections, closed_form)
     info["stage2_seconds"] = 0.0
     if training.steps > 0:
-        if denoise is None or latent_shape is None or sample_sigmas is None or train_sigmas is None:
-            raise ValueError("fine-tuning needs the network (denoise), the latent shape and the noise levels")
+        if attach is None or latent_shape is None or sample_sigmas is None or train_sigmas is None:
+            raise ValueError("fine-tuning needs the network (attach), the latent shape and the noise levels")
         device = next(iter(weights.values())).device
         adapter.to(device)
-        with adapter.disabled():
-            latents = [
-                sample_latents(
-                    denoise,
-                    c.concept_context[: images_per_concept].to(device),
-                    latent_shape,
-                    sample_sigmas,
-                    seed=training.seed + i,
-                )
-                for i, c in enumerate(tokens.concepts)
-            ]
-        result = finetune(adapter, denoise, tokens, latents, train_sigmas, training, callback)
+        with attach(adapter) as denoise:
+            with adapter.disabled():
+                latents = [
+                    sample_latents(
+                        denoise,
+                        c.concept_context[:images_per_concept].to(device),
+                        latent_shape,
+                        sample_sigmas,
+                        seed=training.seed + i,
+                    )
+                    for i, c in enumerate(tokens.concepts)
+                ]
+            result = finetune(adapter, denoise, tokens, latents, train_sigmas, training, callback)
         info["stage2_seconds"] = result.seconds
         info["history"] = result.history
         info["stopped_early"] = result.stopped_early

@@ -288,7 +288,7 @@ def test_erase_runs_all_stages_and_save_load_is_exact(tmp_path):
     erasure = erase(
         encoder, "ace-toy", projections, weights, request,
         ClosedFormConfig(), FinetuneConfig(steps=3),
-        denoise=unet, latent_shape=(4, 8, 8), sample_sigmas=SAMPLE_SIGMAS, train_sigmas=TRAIN_SIGMAS,
+        attach=lambda adapter: adapter.attached(unet), latent_shape=(4, 8, 8), sample_sigmas=SAMPLE_SIGMAS, train_sigmas=TRAIN_SIGMAS,
     )
     assert erasure.info["stage2_seconds"] > 0 and len(erasure.info["history"]) == 3
     path = str(tmp_path / "e.safetensors")
