@@ -57,6 +57,7 @@ def erase(
     sample_sigmas: torch.Tensor | None = None,
     train_sigmas: torch.Tensor | None = None,
     images_per_concept: int = 2,
+    device: torch.device | str = "cpu",
     callback: Callable[[StepReport], bool | None] | None = None,
 ) -> Erasure:
     """Stage 0 (token collection), stage 1 (closed form) and, when `training.steps > 0`,
@@ -72,7 +73,6 @@ def erase(
     if training.steps > 0:
         if attach is None or latent_shape is None or sample_sigmas is None or train_sigmas is None:
             raise ValueError("fine-tuning needs the network (attach), the latent shape and the noise levels")
-        device = next(iter(weights.values())).device
         adapter.to(device)
         with attach(adapter) as denoise:
             with adapter.disabled():

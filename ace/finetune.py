@@ -80,7 +80,7 @@ def autograd_safe(module: torch.nn.Module) -> None:
         for owner in module.modules():
             for name, p in list(owner.named_parameters(recurse=False)):
                 if p.is_inference():
-                    setattr(owner, name, torch.nn.Parameter(p.clone(), requires_grad=False))
+                    setattr(owner, name, torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad))
             for name, b in list(owner.named_buffers(recurse=False)):
                 if b.is_inference():
                     setattr(owner, name, b.clone())
@@ -109,29 +109,33 @@ def finetune(
     start = time.perf_counter()
     device = latents[0].device
     generator = torch.Generator().manual_seed(cfg.seed)
-    params = [p for p in adapter.parameters()]
-    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
-    preserve = tokens.preserve_context
 
     def pick(n: int, k: int) -> torch.Tensor:
         return torch.randint(0, n, (k,), generator=generator)
 
+    def usable(t: torch.Tensor) -> torch.Tensor:  # a normal tensor autograd may save, on device
+        return (t.clone() if t.is_inference() else t).to(device)
+
     with torch.inference_mode(False), torch.enable_grad():
+        autograd_safe(adapter)
+        params = list(adapter.parameters())
+        optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
+        preserve = usable(tokens.preserve_context)
         for step in range(cfg.steps):
             c = step % len(tokens.concepts)
             concept = tokens.concepts[c]
             b = cfg.batch_size
             prompt = pick(len(concept.prompts), b)
-            x0 = latents[c][pick(len(latents[c]), b)].to(device)
-            sigma = sigmas[pick(len(sigmas), b)].to(device, x0.dtype)
+            x0 = usable(latents[c][pick(len(latents[c]), b)])
+            sigma = usable(sigmas[pick(len(sigmas), b)]).to(x0.dtype)
             noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
             x_t = (x0 + noise * sigma.view(-1, *[1] * (x0.dim() - 1))).detach()
-            ctx = concept.concept_context[prompt].to(device)
-            mask = concept.concept_mask[prompt].to(device).unsqueeze(-1)
-            p_ctx = preserve[pick(len(preserve), b)].to(device)
+            ctx = usable(concept.concept_context[prompt])
+            mask = usable(concept.concept_mask[prompt]).unsqueeze(-1)
+            p_ctx = preserve[pick(len(preserve), b).to(device)]
 
             with torch.no_grad(), adapter.disabled():
-                target_erase = denoise(x_t, sigma, concept.neutral_context[prompt].to(device))
+                target_erase = denoise(x_t, sigma, usable(concept.neutral_context[prompt]))
                 target_preserve = denoise(x_t, sigma, p_ctx)
 
             losses = {"erase": _mse(denoise(x_t, sigma, ctx), target_erase)}

@@ -5,12 +5,14 @@ Node ids carry the `ACEErasure_` prefix and never change once a workflow ships; 
 """
 from comfy_api.v0_0_2 import ComfyExtension, io
 
+from .erase import ERASE_NODES
+from .files import FILE_NODES
 from .model_info import MODEL_INFO_NODES
 
 
 class ACEErasureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*MODEL_INFO_NODES]
+        return [*ERASE_NODES, *FILE_NODES, *MODEL_INFO_NODES]
 
 
 async def comfy_entrypoint() -> ACEErasureExtension:

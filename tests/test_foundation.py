@@ -23,7 +23,15 @@ def checkpoint_node(name: str) -> dict:
 def test_pack_registers_its_nodes_with_comfyui(comfy):
     import nodes
 
-    assert comfy.node_ids == ["ACEErasure_ModelInfo"]
+    assert sorted(comfy.node_ids) == sorted([
+        "ACEErasure_EraseConcept", "ACEErasure_ConceptList", "ACEErasure_ClosedForm", "ACEErasure_FineTune",
+        "ACEErasure_Apply", "ACEErasure_Save", "ACEErasure_Load", "ACEErasure_ExportLoRA", "ACEErasure_ModelInfo",
+    ])
+    for node_id in comfy.node_ids:  # every node: category ACE, a description, tooltips everywhere
+        schema = nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA()
+        assert schema.category == "ACE" and schema.description, node_id
+        assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs), node_id
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["ACEErasure_EraseConcept"] == "ACE Erase Concept"
     node = nodes.NODE_CLASS_MAPPINGS["ACEErasure_ModelInfo"]
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["ACEErasure_ModelInfo"] == "ACE Model Info"
     schema = node.GET_SCHEMA()

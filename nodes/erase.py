@@ -1,0 +1,260 @@
+"""Nodes that compute and apply an erasure: the one-node "ACE Erase Concept", and the stages
+apart for people who want them (concept list, closed form, adversarial fine-tuning, apply)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import comfy.model_management
+import comfy.utils
+from comfy_api.v0_0_2 import io, ui
+
+from ..ace.closed_form import ClosedFormConfig, closed_form_erasure
+from ..ace.concepts import ConceptRequest, parse_request
+from ..ace.erasure import Erasure, erase
+from ..ace.finetune import FinetuneConfig, finetune, sample_latents
+from ..ace.tokens import collect_request
+from .comfy_models import (
+    ClipTextEncoder,
+    attached_for_training,
+    check_model,
+    family_of,
+    num_res_blocks,
+    projection_weights,
+    training_sigmas,
+    with_erasure,
+)
+from .loss_plot import loss_curve_image
+
+Erasure_ = io.Custom("ACE_ERASURE")
+Concepts_ = io.Custom("ACE_CONCEPTS")
+
+DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+
+CONCEPTS_TOOLTIP = (
+    "One concept to erase per line; synonyms after a colon, separated by commas. "
+    "Example: 'Van Gogh: Vincent van Gogh, van gogh style'."
+)
+
+
+def _check_strength(strength: float) -> None:
+    if not math.isfinite(strength):
+        raise ValueError(f"Strength must be a number, got {strength}.")
+
+
+def _clip_encoder(model, clip) -> ClipTextEncoder:
+    encoder = ClipTextEncoder(clip)
+    width = encoder.encode([""]).shape[-1]
+    context = check_model(model)[0].in_features
+    if width != context:
+        raise ValueError(
+            f"This CLIP gives {width}-wide text embeddings but the model takes {context}: connect the "
+            "CLIP loaded with this model (same checkpoint)."
+        )
+    return encoder
+
+
+def _progress_callback(total: int):
+    bar = comfy.utils.ProgressBar(total)
+
+    def callback(report) -> None:
+        bar.update_absolute(report.step, report.total)
+        # Cancel in ComfyUI raises here, between two steps; the half-trained adapter is dropped.
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    return callback
+
+
+def _latent_shape(model, resolution: int) -> tuple[int, int, int]:
+    channels = model.model.latent_format.latent_channels
+    side = max(resolution // 8, 1)
+    return (channels, side, side)
+
+
+def erase_from_model(model, clip, request: ConceptRequest, closed_form: ClosedFormConfig, training: FinetuneConfig, resolution: int | None = None) -> Erasure:
+    """Stages 0-2 on a ComfyUI MODEL and CLIP (the MODEL itself is never changed)."""
+    projections = check_model(model)
+    family = family_of(model)
+    encoder = _clip_encoder(model, clip)
+    sample_sigmas, train_sigmas = training_sigmas(model)
+    erasure = erase(
+        encoder,
+        family,
+        projections,
+        projection_weights(model, projections),
+        request,
+        closed_form,
+        training,
+        attach=lambda adapter: attached_for_training(model, adapter),
+        latent_shape=_latent_shape(model, resolution or DEFAULT_RESOLUTION.get(family, 512)),
+        sample_sigmas=sample_sigmas,
+        train_sigmas=train_sigmas,
+        device=model.load_device,
+        callback=_progress_callback(training.steps) if training.steps else None,
+    )
+    erasure.info["num_res_blocks"] = num_res_blocks(model)
+    return erasure
+
+
+class EraseConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ACEErasure_EraseConcept",
+            display_name="ACE Erase Concept",
+            category="ACE",
+            description=(
+                "Erase concepts (a style, a person, an object) from the model with ACE: a closed-form "
+                "gated edit of every cross-attention key/value, then a short adversarial fine-tuning. "
+                "Prompts that name the concept, or its synonyms, render the neutral anchor instead; "
+                "other prompts render as before."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to erase concepts from (SD1.x, SD2.x or SDXL). It is not changed; an erased copy comes out."),
+                io.Clip.Input("clip", tooltip="The CLIP loaded with this model: it encodes the concepts."),
+                io.String.Input("concepts", multiline=True, default="Van Gogh: Vincent van Gogh, van gogh style", tooltip=CONCEPTS_TOOLTIP),
+                io.String.Input("anchor", default="", tooltip="What the concepts become, e.g. 'a painting' for an artist or 'a person' for a celebrity. Empty maps them onto nothing."),
+                io.String.Input("preserve", multiline=True, default="", tooltip="Concepts that must keep rendering as before (e.g. 'Monet, Rembrandt'), separated by commas or new lines."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05, tooltip="How strongly the erasure applies: 0 leaves the model as it was, 1 is the full erasure."),
+                io.Int.Input("steps", default=40, min=0, max=1000, tooltip="Adversarial fine-tuning steps after the closed form; 0 uses the closed form only (seconds, no training)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip="Seed of the fine-tuning's noise and attacks; the same seed gives the same erasure."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the concepts erased."),
+                Erasure_.Output(display_name="ERASURE", tooltip="The erasure itself, to save, export as a LoRA or apply to another model."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concepts, anchor, preserve, strength, steps, seed) -> io.NodeOutput:
+        _check_strength(strength)
+        request = parse_request(concepts, anchor, preserve)
+        erasure = erase_from_model(model, clip, request, ClosedFormConfig(), FinetuneConfig(steps=steps, seed=seed))
+        return io.NodeOutput(with_erasure(model, erasure, strength), erasure)
+
+
+class ConceptList(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ACEErasure_ConceptList",
+            display_name="ACE Concept List",
+            category="ACE",
+            description="The concepts to erase, what they become, and what to keep, checked before any work starts.",
+            inputs=[
+                io.String.Input("concepts", multiline=True, default="", tooltip=CONCEPTS_TOOLTIP),
+                io.String.Input("anchor", default="", tooltip="What the concepts become (e.g. 'a painting'); empty maps them onto nothing."),
+                io.String.Input("preserve", multiline=True, default="", tooltip="Concepts that must keep rendering as before, separated by commas or new lines."),
+            ],
+            outputs=[Concepts_.Output(display_name="CONCEPTS", tooltip="The checked concept request.")],
+        )
+
+    @classmethod
+    def execute(cls, concepts, anchor, preserve) -> io.NodeOutput:
+        return io.NodeOutput(parse_request(concepts, anchor, preserve))
+
+
+class ClosedFormErasure(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ACEErasure_ClosedForm",
+            display_name="ACE Closed-Form Erasure",
+            category="ACE",
+            description="Stage 1 of ACE: the gated low-rank edit of every cross-attention key/value, solved in closed form (seconds, no training).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the erasure is computed for (not changed)."),
+                io.Clip.Input("clip", tooltip="The CLIP loaded with this model."),
+                Concepts_.Input("concepts", tooltip="From ACE Concept List."),
+                io.Int.Input("rank", default=8, min=1, max=256, tooltip="Rank of the edit per concept and layer; higher fits the concept more closely."),
+                io.Float.Input("preserve_weight", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="How hard the edit avoids changing the preserve concepts and everyday prompts."),
+            ],
+            outputs=[Erasure_.Output(display_name="ERASURE", tooltip="The closed-form erasure.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concepts, rank, preserve_weight) -> io.NodeOutput:
+        cfg = ClosedFormConfig(rank=rank, preserve_weight=preserve_weight)
+        return io.NodeOutput(erase_from_model(model, clip, concepts, cfg, FinetuneConfig(steps=0)))
+
+
+class AdversarialFineTune(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ACEErasure_FineTune",
+            display_name="ACE Adversarial Fine-Tune",
+            category="ACE",
+            description=(
+                "Stage 2 of ACE: a short fine-tuning of the erasure on examples the original model "
+                "generates, with adversarial perturbations of the concept's tokens, so that synonyms "
+                "and reworded prompts stay erased. Runs on the model's device (the local GPU if any)."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model the erasure was computed for (not changed)."),
+                io.Clip.Input("clip", tooltip="The CLIP loaded with this model."),
+                Erasure_.Input("erasure", tooltip="A closed-form (or already fine-tuned) erasure of this model."),
+                io.Int.Input("steps", default=40, min=1, max=10000, tooltip="Training steps (a few seconds each on a GPU for SD1.5)."),
+                io.Float.Input("learning_rate", default=5e-3, min=1e-6, max=1.0, step=1e-4, tooltip="Adam learning rate of the adapter."),
+                io.Float.Input("adversarial_weight", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Weight of the loss under attack; 0 trains without attacks."),
+                io.Float.Input("preserve_weight", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Weight of the loss that keeps other prompts unchanged."),
+                io.Float.Input("attack_radius", default=0.1, min=0.0, max=1.0, step=0.01, tooltip="Size of the attack on the concept's token embeddings, relative to their norm."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Image size of the training examples (512 for SD1.5, 1024 for SDXL)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip="Seed of the noise and attacks; the same seed gives the same result."),
+            ],
+            outputs=[
+                Erasure_.Output(display_name="ERASURE", tooltip="The fine-tuned erasure."),
+                io.Image.Output(display_name="LOSS_CURVE", tooltip="The training losses per step, as an image."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, erasure, steps, learning_rate, adversarial_weight, preserve_weight, attack_radius, resolution, seed) -> io.NodeOutput:
+        cfg = FinetuneConfig(steps=steps, learning_rate=learning_rate, adversarial_weight=adversarial_weight, preserve_weight=preserve_weight, attack_radius=attack_radius, seed=seed)
+        projections = check_model(model)
+        erasure.check_fits(family_of(model), projections)
+        tokens = collect_request(_clip_encoder(model, clip), erasure.request)
+        adapter = copy.deepcopy(erasure.adapter)  # the input erasure stays as it was
+        adapter.to(model.load_device)
+        sample_sigmas, train_sigmas = training_sigmas(model)
+        shape = _latent_shape(model, resolution)
+        with attached_for_training(model, adapter) as denoise:
+            with adapter.disabled():
+                latents = [
+                    sample_latents(denoise, c.concept_context[:2].to(model.load_device), shape, sample_sigmas, seed=seed + i)
+                    for i, c in enumerate(tokens.concepts)
+                ]
+            result = finetune(adapter, denoise, tokens, latents, train_sigmas, cfg, _progress_callback(steps))
+        adapter.to("cpu")
+        info = dict(erasure.info, stage2_seconds=result.seconds, history=result.history, training=cfg.__dict__)
+        tuned = Erasure(erasure.family, erasure.request, adapter, info)
+        curve = loss_curve_image(result.history)
+        return io.NodeOutput(tuned, curve, ui=ui.PreviewImage(curve, cls=cls))
+
+
+class ApplyErasure(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ACEErasure_Apply",
+            display_name="ACE Apply Erasure",
+            category="ACE",
+            description=(
+                "Apply an erasure to a model at a strength: the model it was made from, the same model "
+                "after other LoRAs, or another fine-tune of the same base model."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to apply the erasure to (not changed; an erased copy comes out)."),
+                Erasure_.Input("erasure", tooltip="An erasure for this model family and architecture."),
+                io.Float.Input("strength", default=1.0, min=-2.0, max=2.0, step=0.05, tooltip="1 is the full erasure, 0 none."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the erasure applied.")],
+        )
+
+    @classmethod
+    def execute(cls, model, erasure, strength) -> io.NodeOutput:
+        _check_strength(strength)
+        return io.NodeOutput(with_erasure(model, erasure, strength))
+
+
+ERASE_NODES = [EraseConcept, ConceptList, ClosedFormErasure, AdversarialFineTune, ApplyErasure]
