@@ -121,7 +121,6 @@ def test_closed_form_maps_concept_onto_neutral_and_leaves_preserve(encoder, unet
     gate = adapter.gate(concept.C)[:, 0]
     assert gate[concept.is_phrase].min() > 0.9
     assert adapter.gate(tokens.P).max() < 0.1
-    assert info["stage1_seconds"] < 5
 
 
 def test_gate_catches_the_concept_in_unseen_prompts_and_ignores_others(encoder, unet):
@@ -189,7 +188,6 @@ def test_many_concepts_share_one_batched_operation(encoder, unet):
     _, tokens, adapter, info = stage1(encoder, unet, text=text, anchor="", preserve="")
     assert adapter.num_concepts == 40 and len(adapter.lora_down) == len(adapter.projections)
     assert adapter.lora_down[0].shape[0] == 40
-    assert info["stage1_seconds"] / 40 < 1.0
     g = adapter.gate(tokens.concepts[7].C[tokens.concepts[7].is_phrase])
     assert g[:, 7].min() > 0.9
 

@@ -92,7 +92,7 @@ def test_fine_tuning_node_trains_with_progress_and_a_loss_curve(tiny_sd15_name):
     assert len(tuned.info["history"]) == 3 and tuned.info["stage2_seconds"] > 0
     assert curve.shape == (1, 256, 512, 3)
     assert result.ui["s2"]["images"]
-    closed = result.outputs["s1"]
+    closed = result.outputs["s1"][0]
     assert closed.adapter.rank == 4
     # the input erasure is not changed by fine-tuning it
     assert not torch.equal(closed.adapter.lora_down[0], tuned.adapter.lora_down[0])
