@@ -184,25 +184,32 @@ def complete_spec(p: Prompt, rng: random.Random) -> Spec:
     return Spec(p.object or rng.choice(OBJECTS), p.colour or rng.choice(COLOURS), p.style or rng.choice(STYLES))
 
 
+SPLITS = ("train", "request", "left_out", "heldout")
+
+
 def concept_prompts(kind: str, name: str, split: str = "train", concepts: dict | None = None,
                     heldout: dict | None = None) -> list[Prompt]:
     """Prompts that ask for one concept, for measuring whether a model renders it.
 
-    kind is 'object', 'colour', 'style' or 'entity'. split 'train' uses the learned synonyms in
-    training templates; 'heldout' uses templates and rewordings training never saw. Other
-    attributes are filled in so that each prompt asks for a definite picture of the concept.
+    kind is 'object', 'colour', 'style' or 'entity'. split:
+      'train'    every learned synonym in the training templates;
+      'request'  only the words an erasure request names (heldout.json "request");
+      'left_out' only the learned synonyms the request leaves out (heldout.json "left_out");
+      'heldout'  every learned synonym in templates training never saw.
+    Other attributes are filled in so that each prompt asks for a definite picture of the concept.
     """
     c = concepts or load_concepts()
     h = heldout or load_heldout()
+    if split not in SPLITS:
+        raise ValueError(f"unknown prompt split {split!r}; choose one of {SPLITS}")
+    group = {"object": "objects", "colour": "colours", "style": "styles", "entity": "entities"}[kind]
+    words = {"request": h["request"][name], "left_out": h["left_out"][name]}.get(split, c[group][name]["synonyms"])
     if kind == "entity":
-        e = c["entities"][name]
-        templates = c["entity_templates"] if split == "train" else h["entity_templates"]
-        look = e["looks_like"]
+        look = c["entities"][name]["looks_like"]
+        templates = h["entity_templates"] if split == "heldout" else c["entity_templates"]
         return [Prompt(t.replace("{x}", s), look["object"], look["colour"], look["style"], name)
-                for s in e["synonyms"] for t in templates]
-    templates = c["templates"] if split == "train" else h["templates"]
-    groups = {"object": "objects", "colour": "colours", "style": "styles"}
-    words = c[groups[kind]][name]["synonyms"]
+                for s in words for t in templates]
+    templates = h["templates"] if split == "heldout" else c["templates"]
     out = []
     for i, t in enumerate(templates):
         for j, w in enumerate(words):
