@@ -49,7 +49,8 @@ class GatedAdapter(torch.nn.Module):
         self._cast_cache: dict = {}
 
     @property
-    def num_concepts(self) -> int:
+    def num_slots(self) -> int:
+        """Concepts, or groups of overlapping concepts solved together (see closed_form)."""
         return self.gate_threshold.shape[0]
 
     @property

@@ -66,10 +66,10 @@ def save_erasure(erasure: Erasure, path: str) -> None:
         "family": erasure.family,
         "projections": json.dumps([[p.name, p.in_features, p.out_features] for p in a.projections]),
         "request": json.dumps(erasure.request.to_json()),
-        "num_concepts": str(a.num_concepts),
+        "num_slots": str(a.num_slots),
         "rank": str(a.rank),
         "gate_rank": str(a.gate_basis.shape[-1]),
-        "info": json.dumps(info, default=str),
+        "info": json.dumps(info, default=str),  # holds "slots": the concepts of each slot
     }
     save_file(tensors, path, metadata=metadata)
 
@@ -120,8 +120,9 @@ def load_erasure(path: str) -> Erasure:
             raise ErasureFileError(f"'{name}' is damaged: '{key}' holds NaN or infinite values.")
         return t
 
-    K, r, kg = int(metadata["num_concepts"]), int(metadata["rank"]), int(metadata["gate_rank"])
-    if K != len(request.concepts) or not projections:
+    K, r, kg = int(metadata["num_slots"]), int(metadata["rank"]), int(metadata["gate_rank"])
+    slots = info.get("slots", [])
+    if K != len(slots) or sorted(i for s in slots for i in s) != list(range(len(request.concepts))) or not projections:
         raise ErasureFileError(f"'{name}' has inconsistent metadata; re-create the erasure.")
     d = projections[0].in_features
     adapter = GatedAdapter(

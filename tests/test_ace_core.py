@@ -183,13 +183,25 @@ def test_non_overlapping_concepts_together_equal_one_at_a_time(encoder, unet):
         assert torch.allclose(out_together, out_alone, atol=1e-3 * out_alone.abs().max().item())
 
 
-def test_many_concepts_share_one_batched_operation(encoder, unet):
+def test_many_concepts_share_one_batched_operation():
+    # 384 wide like the toy model's context: in the 64-wide toy space, 40 random concepts' gate
+    # subspaces overlap and get merged into shared slots
+    encoder, unet = ToyTextEncoder(width=384), ToyUNet(context=384)
     text = "\n".join(f"concept{i}" for i in range(40))
     _, tokens, adapter, info = stage1(encoder, unet, text=text, anchor="", preserve="")
-    assert adapter.num_concepts == 40 and len(adapter.lora_down) == len(adapter.projections)
+    assert adapter.num_slots == 40 and len(adapter.lora_down) == len(adapter.projections)
     assert adapter.lora_down[0].shape[0] == 40
     g = adapter.gate(tokens.concepts[7].C[tokens.concepts[7].is_phrase])
     assert g[:, 7].min() > 0.9
+
+
+def test_overlapping_concepts_share_one_slot():
+    encoder, unet = ToyTextEncoder(width=384), ToyUNet(context=384)
+    request, tokens, adapter, info = stage1(encoder, unet, text="van gogh\nvincent van gogh\nbeagle", anchor="", preserve="")
+    assert info["slots"] == [[0, 1], [2]]
+    assert adapter.num_slots == 2 and info["concepts"][0]["concepts"] == ["van gogh", "vincent van gogh"]
+    for concept in tokens.concepts[:2]:  # the shared slot's gate covers both phrasings
+        assert adapter.gate(concept.C[concept.is_phrase])[:, 0].min() > 0.9
 
 
 # --- stage 2 ------------------------------------------------------------------------------------
@@ -315,9 +327,9 @@ def test_erasure_must_fit_the_model(encoder, unet):
 
 
 def test_loading_bad_files_fails_clearly(encoder, unet, tmp_path):
-    request, _, adapter, _ = stage1(encoder, unet)
+    request, _, adapter, info = stage1(encoder, unet)
     good = str(tmp_path / "good.safetensors")
-    save_erasure(Erasure("ace-toy", request, adapter), good)
+    save_erasure(Erasure("ace-toy", request, adapter, info), good)
     data = open(good, "rb").read()
 
     corrupt = tmp_path / "corrupt.safetensors"
@@ -362,3 +374,23 @@ def test_file_names_with_paths_are_refused(name):
 def test_file_names_get_the_suffix():
     assert check_file_name("no_van_gogh") == "no_van_gogh.safetensors"
     assert check_file_name("x.safetensors") == "x.safetensors"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stage2_trains_a_half_precision_network(encoder, dtype):
+    """fp16/bf16 weights: the maths of stage 1 runs in float64, the gate in float32, and the
+    adapter's own parameters stay float32 while the network runs in its dtype."""
+    net = ToyUNet().to(dtype)
+    net.requires_grad_(False)
+    _, tokens, adapter, _ = stage1(encoder, net)
+    assert adapter.lora_down[0].dtype == torch.float32
+
+    def denoise(x, sigma, context):
+        return net(x.to(dtype), sigma.to(dtype), context.to(dtype)).float()
+
+    with adapter.attached(net):
+        with adapter.disabled():
+            latents = [sample_latents(denoise, c.concept_context[:2], (4, 8, 8), SAMPLE_SIGMAS) for c in tokens.concepts]
+        result = finetune(adapter, denoise, tokens, latents, TRAIN_SIGMAS, FinetuneConfig(steps=3))
+    assert all(math.isfinite(v) for h in result.history for v in h.values())
+    assert adapter.lora_down[0].dtype == torch.float32 and torch.isfinite(adapter.lora_down[0]).all()

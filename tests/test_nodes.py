@@ -84,8 +84,8 @@ def test_fine_tuning_node_trains_with_progress_and_a_loss_curve(tiny_sd15_name):
         "s2": {"class_type": "ACEErasure_FineTune", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "erasure": ["s1", 0], "steps": 3, "learning_rate": 5e-3,
             "adversarial_weight": 1.0, "preserve_weight": 1.0, "attack_radius": 0.1, "resolution": 64, "seed": 0}},
-        "ap": {"class_type": "ACEErasure_Apply", "inputs": {"model": ["1", 0], "erasure": ["s2", 0], "strength": 1.0}},
-        **render("b", ("ap", 0), "a painting by van gogh"),
+        "apply": {"class_type": "ACEErasure_Apply", "inputs": {"model": ["1", 0], "erasure": ["s2", 0], "strength": 1.0}},
+        **render("b", ("apply", 0), "a painting by van gogh"),
     }
     result = run_graph(graph, fresh_cache=True)
     tuned, curve = result.outputs["s2"]
@@ -112,9 +112,9 @@ def test_save_load_apply_and_lora_export(tiny_sd15_name, tiny_sd15, comfy):
         "1": ckpt(tiny_sd15_name),
         "2": erase_node(),
         "ld": {"class_type": "ACEErasure_Load", "inputs": {"file_name": "test_vg.safetensors"}},
-        "ap": {"class_type": "ACEErasure_Apply", "inputs": {"model": ["1", 0], "erasure": ["ld", 0], "strength": 1.0}},
+        "apply": {"class_type": "ACEErasure_Apply", "inputs": {"model": ["1", 0], "erasure": ["ld", 0], "strength": 1.0}},
         **render("a", ("2", 0), "van gogh"),
-        **render("b", ("ap", 0), "van gogh"),
+        **render("b", ("apply", 0), "van gogh"),
     }
     loaded = run_graph(load)
     assert torch.equal(image(loaded, "a"), image(loaded, "b"))  # loaded erasure == computed one
@@ -154,7 +154,8 @@ def _open(adapter):
 
 
 def test_other_families_erase_and_apply_in_memory(sd2_model, sdxl_model, comfy):
-    """SD2.x and SDXL: stage 1 on their cross-attention layers with a text encoder of their width."""
+    """SD2.x and SDXL: stages 1 and 2 on their cross-attention layers (a toy text encoder of their
+    width stands in for OpenCLIP / CLIP-L+G), then the erased clone samples."""
     ace_erasure = pack_module("ace.erasure")
     comfy_models = pack_module("nodes.comfy_models")
     tokens_mod = pack_module("ace.tokens")
@@ -163,11 +164,27 @@ def test_other_families_erase_and_apply_in_memory(sd2_model, sdxl_model, comfy):
         projections = comfy_models.check_model(model)
         assert comfy_models.family_of(model) == family and projections[0].in_features == width
         request = pack_module("ace.concepts").parse_request("snoopy", "a dog", "")
-        erasure = ace_erasure.erase(toys.ToyTextEncoder(width=width, length=77), family, projections,
-                                    comfy_models.projection_weights(model, projections), request)
+        sample_sigmas, train_sigmas = comfy_models.training_sigmas(model)
+        erasure = ace_erasure.erase(
+            toys.ToyTextEncoder(width=width, length=77), family, projections,
+            comfy_models.projection_weights(model, projections), request,
+            training=pack_module("ace.finetune").FinetuneConfig(steps=2),
+            attach=lambda adapter: comfy_models.attached_for_training(model, adapter),
+            latent_shape=(4, 8, 8), sample_sigmas=sample_sigmas, train_sigmas=train_sigmas,
+        )
+        assert len(erasure.info["history"]) == 2
+        assert all(math.isfinite(v) for h in erasure.info["history"] for v in h.values())
         erased = comfy_models.with_erasure(model, erasure, 1.0)
         assert len(erased.object_patches) == len(projections)
         assert not model.object_patches  # the input MODEL is not changed
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([erased])
+        x, sigma = torch.randn(1, 4, 8, 8), torch.tensor([1.0])
+        context = torch.randn(1, 77, width)
+        extra = {"y": torch.zeros(1, erased.model.adm_channels)} if erased.model.adm_channels else {}
+        out = erased.model.apply_model(x, sigma, c_crossattn=context, **extra)
+        assert out.shape == x.shape and torch.isfinite(out).all()
 
 
 def test_erasure_for_another_family_is_refused(tiny_sd15_name, sdxl_model):
@@ -175,7 +192,8 @@ def test_erasure_for_another_family_is_refused(tiny_sd15_name, sdxl_model):
         "1": ckpt(tiny_sd15_name),
         "2": erase_node(concepts="snoopy"),
         "x": in_memory_model_node("sdxl", sdxl_model),
-        "ap": {"class_type": "ACEErasure_Apply", "inputs": {"model": ["x", 0], "erasure": ["2", 1], "strength": 1.0}},
+        "apply": {"class_type": "ACEErasure_Apply", "inputs": {"model": ["x", 0], "erasure": ["2", 1], "strength": 1.0}},
+        "info": {"class_type": "ACEErasure_ModelInfo", "inputs": {"model": ["apply", 0]}},
     }
     with pytest.raises(GraphError, match="made for a sd1 model and cannot be applied to a sdxl model"):
         run_graph(graph)
@@ -238,3 +256,45 @@ def test_load_refuses_corrupted_and_foreign_files(comfy):
                 "ld": {"class_type": "ACEErasure_Load", "inputs": {"file_name": name}},
                 "sv": {"class_type": "ACEErasure_Save", "inputs": {"erasure": ["ld", 0], "file_name": "never", "overwrite": True}},
             })
+
+
+def test_cancel_stops_fine_tuning_within_a_step_and_leaves_the_model_clean(tiny_sd15_name, tiny_sd15):
+    import comfy.model_management
+    import comfy.utils
+
+    graph = {
+        "1": ckpt(tiny_sd15_name),
+        "c": {"class_type": "ACEErasure_ConceptList", "inputs": {"concepts": "snoopy", "anchor": "a dog", "preserve": ""}},
+        "s1": {"class_type": "ACEErasure_ClosedForm", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["c", 0], "rank": 4, "preserve_weight": 1.0}},
+        "s2": {"class_type": "ACEErasure_FineTune", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "erasure": ["s1", 0], "steps": 50, "learning_rate": 5e-3,
+            "adversarial_weight": 1.0, "preserve_weight": 1.0, "attack_radius": 0.1, "resolution": 64, "seed": 0}},
+        "sv": {"class_type": "ACEErasure_Save", "inputs": {"erasure": ["s2", 0], "file_name": "cancelled", "overwrite": True}},
+        **render("a", ("1", 0), "snoopy"),
+    }
+    before = image(run_graph({"1": ckpt(tiny_sd15_name), **render("a", ("1", 0), "snoopy")}), "a")
+    steps_seen = []
+
+    def hook(value, total, preview, node_id=None):
+        if total == 50:  # the fine-tuning's bar: press Cancel at step 2
+            steps_seen.append(value)
+            if value == 2:
+                comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(GraphError) as failure:
+            run_graph(graph)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert "interrupted" in str(failure.value)
+    assert max(steps_seen) == 2  # stopped right after the step Cancel came in
+    # nothing half-patched: no projection keeps a replaced forward, and the base renders as before
+    model = tiny_sd15[0]
+    assert not any("forward" in vars(m) for m in model.model.diffusion_model.modules())
+    import folder_paths
+
+    assert folder_paths.get_full_path("ace_erasures", "cancelled.safetensors") is None
+    after = image(run_graph({"1": ckpt(tiny_sd15_name), **render("a", ("1", 0), "snoopy")}), "a")
+    assert torch.equal(before, after)
