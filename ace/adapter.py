@@ -89,12 +89,17 @@ class GatedAdapter(torch.nn.Module):
         z = einsum(x, A, "... d, k r d -> ... k r") * (g * self.strength).unsqueeze(-1)
         return einsum(z, B, "... k r, k o r -> ... o")
 
-    def patched_forwards(self, modules: dict[str, torch.nn.Module], prefix: str = "") -> dict:
-        """`{prefix + name + ".forward": callable}` for every projection: ComfyUI object patches."""
-        return {
-            f"{prefix}{p.name}.forward": _GatedForward(self, i, modules[p.name])
-            for i, p in enumerate(self.projections)
-        }
+    def patched_forwards(self, modules: dict[str, torch.nn.Module], prefix: str = "", existing: dict | None = None) -> dict:
+        """`{prefix + name + ".forward": callable}` for every projection: ComfyUI object patches.
+
+        A forward already in `existing` (another erasure applied earlier in the graph) is kept
+        underneath, so erasures chained one after the other add up."""
+        existing = existing or {}
+        patches = {}
+        for i, p in enumerate(self.projections):
+            key = f"{prefix}{p.name}.forward"
+            patches[key] = _GatedForward(self, i, modules[p.name], existing.get(key))
+        return patches
 
     @contextlib.contextmanager
     def attached(self, unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
@@ -135,11 +140,14 @@ class _GatedForward:
     """Replacement `forward` of one projection. A plain callable, not a Module, so that setting it
     on the projection does not register it as a sub-module."""
 
-    def __init__(self, adapter: GatedAdapter, index: int, module: torch.nn.Module):
-        self.adapter, self.index, self.module = adapter, index, module
+    def __init__(self, adapter: GatedAdapter, index: int, module: torch.nn.Module, inner=None):
+        self.adapter, self.index, self.module, self.inner = adapter, index, module, inner
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        base = type(self.module).forward(self.module, x, *args, **kwargs)
+        if self.inner is not None:
+            base = self.inner(x, *args, **kwargs)
+        else:
+            base = type(self.module).forward(self.module, x, *args, **kwargs)
         if not self.adapter.enabled or self.adapter.strength == 0:
             return base
         return base + self.adapter.delta(self.index, x).to(base.dtype)

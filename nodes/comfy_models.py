@@ -111,9 +111,15 @@ def with_erasure(model_patcher, erasure: Erasure, strength: float):
     adapter = copy.deepcopy(erasure.adapter)
     adapter.strength = strength
     adapter.requires_grad_(False)
+    return _patched_clone(model_patcher, adapter)
+
+
+def _patched_clone(model_patcher, adapter: GatedAdapter):
+    """A clone whose projections run `adapter` on top of whatever forwards they already had."""
     clone = model_patcher.clone()
     modules = dict(unet_of(model_patcher).named_modules())
-    for name, forward in adapter.patched_forwards(modules, prefix="diffusion_model.").items():
+    patches = adapter.patched_forwards(modules, "diffusion_model.", existing=clone.object_patches)
+    for name, forward in patches.items():
         clone.add_object_patch(name, forward)
     return clone
 
@@ -123,10 +129,7 @@ def attached_for_training(model_patcher, adapter: GatedAdapter) -> Iterator:
     """Stage 2's network: a patched clone, loaded once by ComfyUI's model management, as a
     denoiser D(x_t, σ, context). The "original" predictions come from the same network with the
     adapter switched off, so no second copy of the UNet is ever made."""
-    clone = model_patcher.clone()
-    modules = dict(unet_of(model_patcher).named_modules())
-    for name, forward in adapter.patched_forwards(modules, prefix="diffusion_model.").items():
-        clone.add_object_patch(name, forward)
+    clone = _patched_clone(model_patcher, adapter)
     comfy.model_management.load_models_gpu([clone], force_full_load=True)
     base = clone.model
     autograd_safe(base.diffusion_model)

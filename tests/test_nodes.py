@@ -298,3 +298,20 @@ def test_cancel_stops_fine_tuning_within_a_step_and_leaves_the_model_clean(tiny_
     assert folder_paths.get_full_path("ace_erasures", "cancelled.safetensors") is None
     after = image(run_graph({"1": ckpt(tiny_sd15_name), **render("a", ("1", 0), "snoopy")}), "a")
     assert torch.equal(before, after)
+
+
+def test_chained_erasures_add_up(tiny_sd15_name):
+    """Two ACE nodes in a row keep both edits: half + half renders as the full erasure."""
+    graph = {
+        "1": ckpt(tiny_sd15_name),
+        "2": erase_node(concepts="snoopy", strength=1.0),
+        "h1": {"class_type": "ACEErasure_Apply", "inputs": {"model": ["1", 0], "erasure": ["2", 1], "strength": 0.5}},
+        "h2": {"class_type": "ACEErasure_Apply", "inputs": {"model": ["h1", 0], "erasure": ["2", 1], "strength": 0.5}},
+        **render("f", ("2", 0), "snoopy"),
+        **render("h", ("h2", 0), "snoopy"),
+        **render("q", ("h1", 0), "snoopy"),
+    }
+    result = run_graph(graph)
+    full, halves, half = image(result, "f"), image(result, "h"), image(result, "q")
+    assert torch.allclose(full, halves, atol=2e-3)
+    assert (full - half).abs().max() > 10 * (full - halves).abs().max()
