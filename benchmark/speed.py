@@ -30,9 +30,14 @@ from ace.finetune import FinetuneConfig, finetune  # noqa: E402
 from ace.tokens import collect_request  # noqa: E402
 from toys import ToyTextEncoder  # noqa: E402
 
+# SD1.5's UNet as ComfyUI's model detection configures it (860 M parameters, 16 cross-attention layers).
 SD15_UNET = dict(
-    in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1], num_res_blocks=2,
-    channel_mult=[1, 2, 4, 4], num_heads=8, transformer_depth=1, context_dim=768, use_linear_in_transformer=False,
+    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+    adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
+    use_linear_in_transformer=False, context_dim=768, num_heads=8, num_head_channels=-1,
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_temporal_attention=False,
+    use_temporal_resblock=False,
 )
 
 

@@ -185,6 +185,12 @@ def test_other_families_erase_and_apply_in_memory(sd2_model, sdxl_model, comfy):
         extra = {"y": torch.zeros(1, erased.model.adm_channels)} if erased.model.adm_channels else {}
         out = erased.model.apply_model(x, sigma, c_crossattn=context, **extra)
         assert out.shape == x.shape and torch.isfinite(out).all()
+        # the portable LoRA's keys (diffusers names for SD2, LDM names for SDXL) all map in ComfyUI
+        import comfy.sd
+
+        lora = pack_module("ace.files").lora_state_dict(erasure, comfy_models.num_res_blocks(model))
+        lora_model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+        assert len(lora_model.patches) == len(projections)
 
 
 def test_erasure_for_another_family_is_refused(tiny_sd15_name, sdxl_model):
