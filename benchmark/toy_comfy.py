@@ -303,7 +303,7 @@ def load_toy_model(path: Path | str = UNET_WEIGHTS):
 
 # --- sampling with ComfyUI's samplers -------------------------------------------------------------
 
-DEFAULT_SAMPLER = {"sampler_name": "euler", "scheduler": "karras", "steps": 20, "cfg": 2.0}
+DEFAULT_SAMPLER = {"sampler_name": "euler", "scheduler": "karras", "steps": 20, "cfg": 3.0}
 
 
 def sample_contexts(model_patcher, context: torch.Tensor, uncond: torch.Tensor, seed: int = 0,

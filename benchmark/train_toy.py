@@ -35,13 +35,16 @@ from benchmark import toy_comfy as tc
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build_prompt_pool(size: int, seed: int) -> list[world.Prompt]:
-    """`size` distinct training prompts, drawn with a fixed seed; the empty prompt comes first."""
+def build_prompt_pool(size: int, seed: int, p_entity: float = 0.08) -> list[world.Prompt]:
+    """`size` distinct training prompts, drawn with a fixed seed; the empty prompt comes first.
+
+    A fraction `p_entity` of the draws name an entity (there are few distinct entity prompts, so
+    their share of the distinct pool is smaller)."""
     rng = random.Random(seed)
     concepts = world.load_concepts()
     seen, pool = {""}, [world.Prompt("", None, None, None)]
     while len(pool) < size:
-        p = world.sample_training_prompt(rng, concepts)
+        p = world.sample_training_prompt(rng, concepts, p_entity=p_entity)
         if p.text not in seen:
             seen.add(p.text)
             pool.append(p)
@@ -109,6 +112,10 @@ def main() -> None:
     ap.add_argument("--p-mean", type=float, default=-1.0, help="mean of log sigma (EDM P_mean)")
     ap.add_argument("--p-std", type=float, default=1.4, help="std of log sigma (EDM P_std)")
     ap.add_argument("--pool", type=int, default=12000, help="number of distinct training prompts")
+    ap.add_argument("--p-entity", type=float, default=0.08, help="share of pool draws that name an entity")
+    ap.add_argument("--entity-share", type=float, default=None,
+                    help="share of each batch drawn from the entity prompts (default: uniform over the pool, "
+                         "where the few distinct entity prompts are about 1%%)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=600)
     ap.add_argument("--eval-per-concept", type=int, default=8)
@@ -134,9 +141,11 @@ def main() -> None:
 
     log(f"args: {vars(args)}")
     clip = tc.load_toy_clip()
-    pool = build_prompt_pool(args.pool, args.seed)
-    contexts = encode_pool(clip, pool, args.work_dir / f"contexts_{args.pool}_{args.seed}.pt", log).to(device)
+    pool = build_prompt_pool(args.pool, args.seed, args.p_entity)
+    contexts = encode_pool(clip, pool, args.work_dir / f"contexts_{args.pool}_{args.seed}_{args.p_entity}.pt", log).to(device)
     uncond = contexts[:1]
+    entity_idx = torch.tensor([i for i, p in enumerate(pool) if p.entity is not None])
+    other_idx = torch.tensor([i for i, p in enumerate(pool) if p.entity is None])
 
     from benchmark.classifier import load_classifier
 
@@ -184,7 +193,12 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
 
-        idx = torch.randint(len(pool), (args.batch,), generator=gen)
+        if args.entity_share is None:
+            idx = torch.randint(len(pool), (args.batch,), generator=gen)
+        else:
+            n_ent = int((torch.rand(args.batch, generator=gen) < args.entity_share).sum())
+            idx = torch.cat([entity_idx[torch.randint(len(entity_idx), (n_ent,), generator=gen)],
+                             other_idx[torch.randint(len(other_idx), (args.batch - n_ent,), generator=gen)]])
         specs = [world.complete_spec(pool[i], rng) for i in idx.tolist()]
         x0 = (world.render_batch(specs, gen) * 2 - 1).to(device)
         context = contexts[idx.to(device)].clone()
@@ -245,7 +259,8 @@ def main() -> None:
         "torch": torch.__version__,
         "command": "python -m benchmark.train_toy " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k in ("steps", "batch", "lr", "ema", "p_mean", "p_std", "pool", "seed", "threads")),
+            if k in ("steps", "batch", "lr", "ema", "p_mean", "p_std", "pool", "entity_share", "seed", "threads")
+            and v is not None),
         "eval_history": history,
     }
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
