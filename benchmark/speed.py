@@ -99,6 +99,7 @@ def main():
     with torch.no_grad():
         base = timed(lambda: unet(x, t, context=ctx), device=device)
     report["unet_forward_s"] = base
+    print("unet forward", base, flush=True)
     for n in args.concepts:
         request = make_request([Concept(f"concept{i}", (f"concept{i} style",), "a painting") for i in range(n)])
         tokens = collect_request(encoder, request)
@@ -109,6 +110,7 @@ def main():
         with adapter.attached(unet), torch.no_grad():
             gated = timed(lambda: unet(x, t, context=ctx), device=device)
         report[f"sampling_overhead_{n}_concepts"] = gated / base - 1
+        print(n, "concepts: stage 1 s/concept", report[f"stage1_s_per_concept_{n}"], "overhead", gated / base - 1, flush=True)
         if n == args.concepts[0]:
             def denoise(x_t, sigma, context):
                 return unet(x_t.to(dtype), sigma * 0 + 500.0, context=context.to(dtype)).float()

@@ -29,6 +29,7 @@ _FAMILY_OF_CONFIG: dict[str, str] = {
     "SDXL": "sdxl",
     "SSD1B": "sdxl",
     "Segmind_Vega": "sdxl",
+    "AceToy": "ace-toy",  # the benchmark's toy model (benchmark/toy_comfy.py)
 }
 
 
