@@ -5,4 +5,6 @@ start-up stays cheap. The algorithm lives in `ace/`, importable without ComfyUI.
 """
 from .nodes import comfy_entrypoint
 
-__all__ = ["comfy_entrypoint"]
+WEB_DIRECTORY = "./web"  # web/docs/<node id>.md: the help page ComfyUI's frontend shows for each node
+
+__all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]
