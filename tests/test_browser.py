@@ -110,7 +110,7 @@ LOAD = """async (workflow) => {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem[:6])
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem.split(" - ")[0])
 def test_frontend_loads_the_workflow_with_every_node_known(path, frontend, object_info, screenshots):
     workflow = load(path)
     before = len(frontend.errors)

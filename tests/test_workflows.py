@@ -54,7 +54,7 @@ def test_the_expected_workflows_ship():
     assert [p.stem for p in WORKFLOWS] == sorted(SAVED_IMAGES)
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem[:6])
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem.split(" - ")[0])
 def test_workflow_file_is_a_ui_workflow_named_for_the_template_browser(path):
     # The template browser shows the file name as the card's title (cut after about 33
     # characters) and under it as the description; keep it short and portable (Windows too).
@@ -71,7 +71,7 @@ def test_workflow_file_is_a_ui_workflow_named_for_the_template_browser(path):
         assert node["mode"] == 0, f"node {node['id']} is muted or bypassed"
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem[:6])
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem.split(" - ")[0])
 def test_workflow_has_a_note_saying_which_model_and_what_to_change(path):
     workflow = load(path)
     notes = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "Note"]
@@ -81,7 +81,7 @@ def test_workflow_has_a_note_saying_which_model_and_what_to_change(path):
     assert "SD1.5 checkpoint" in note and CHECKPOINT in note and "To change" in note
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem[:6])
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem.split(" - ")[0])
 def test_workflow_defaults_are_for_real_use(path):
     nodes = load(path)["nodes"]
     for node in nodes:
@@ -104,7 +104,7 @@ def test_workflow_defaults_are_for_real_use(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem[:6])
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem.split(" - ")[0])
 def test_node_types_widgets_and_links_match_the_server(path, object_info):
     workflow = load(path)
     links = {link[0]: link for link in workflow["links"]}
@@ -164,7 +164,7 @@ def saved_images(server, prompt: dict, entry: dict) -> list[Image.Image]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(SAVED_IMAGES), ids=lambda n: n[:6])
+@pytest.mark.parametrize("name", sorted(SAVED_IMAGES), ids=lambda n: n.split(" - ")[0])
 def test_workflow_runs_on_the_server_with_the_tiny_model(name, comfy_server, object_info, tiny_sd15_checkpoint, saved_files):
     if name == SAVES_FILES:
         prompt, entry = saved_files
