@@ -15,7 +15,6 @@ templates that training never sees (the "generality" prompts of an erasure bench
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path

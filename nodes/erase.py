@@ -9,7 +9,7 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.v0_0_2 import io, ui
 
-from ..ace.closed_form import ClosedFormConfig, closed_form_erasure
+from ..ace.closed_form import ClosedFormConfig
 from ..ace.concepts import ConceptRequest, parse_request
 from ..ace.erasure import Erasure, erase
 from ..ace.finetune import FinetuneConfig, finetune, sample_latents

@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-from ace.adapter import GatedAdapter
 from ace.closed_form import ClosedFormConfig, closed_form_erasure
 from ace.concepts import ConceptError, parse_request
 from ace.erasure import Erasure, erase

@@ -158,7 +158,6 @@ def test_other_families_erase_and_apply_in_memory(sd2_model, sdxl_model, comfy):
     width stands in for OpenCLIP / CLIP-L+G), then the erased clone samples."""
     ace_erasure = pack_module("ace.erasure")
     comfy_models = pack_module("nodes.comfy_models")
-    tokens_mod = pack_module("ace.tokens")
     toys = __import__("toys")
     for model, family, width in ((sd2_model, "sd2", 1024), (sdxl_model, "sdxl", 2048)):
         projections = comfy_models.check_model(model)
@@ -296,9 +295,18 @@ def test_cancel_stops_fine_tuning_within_a_step_and_leaves_the_model_clean(tiny_
         comfy.model_management.interrupt_current_processing(False)
     assert "interrupted" in str(failure.value)
     assert max(steps_seen) == 2  # stopped right after the step Cancel came in
-    # nothing half-patched: no projection keeps a replaced forward, and the base renders as before
+    # nothing half-patched: no projection still runs the half-trained adapter (an erasure applied
+    # by an earlier graph may legitimately stay loaded), and the base renders as before
     model = tiny_sd15[0]
-    assert not any("forward" in vars(m) for m in model.model.diffusion_model.modules())
+
+    def runs_a_trainable_adapter(forward) -> bool:
+        while hasattr(forward, "adapter"):  # an ACE forward (others: ComfyUI's restored originals)
+            if any(p.requires_grad for p in forward.adapter.parameters()):
+                return True
+            forward = forward.inner
+        return False
+
+    assert not any(runs_a_trainable_adapter(vars(m).get("forward")) for m in model.model.diffusion_model.modules())
     import folder_paths
 
     assert folder_paths.get_full_path("ace_erasures", "cancelled.safetensors") is None
