@@ -256,7 +256,7 @@ def load_checkpoint(ckpt_name: str):
     return nodes.CheckpointLoaderSimple().load_checkpoint(ckpt_name)
 
 
-def _in_memory(config_class_name: str, unet_config: dict, seed: int):
+def _in_memory(config_class_name: str, unet_config: dict, seed: int, dtype=None):
     import torch
 
     import comfy.model_management
@@ -264,7 +264,7 @@ def _in_memory(config_class_name: str, unet_config: dict, seed: int):
     import comfy.supported_models
 
     config = getattr(comfy.supported_models, config_class_name)(unet_config)
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(dtype or torch.float32, None)
     model = config.get_model({}, device="cpu")
     _randomize_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(
@@ -279,13 +279,13 @@ _SMALL_UNET = {
 }
 
 
-def tiny_sd2_model(seed: int = 2):
+def tiny_sd2_model(seed: int = 2, dtype=None):
     """An SD2.x-family MODEL (ComfyUI's SD20 config) built in memory: 2 levels, widths 64/128,
     1024-wide context, linear projections in the transformers; 7 cross-attention layers."""
     return _in_memory("SD20", {
         **_SMALL_UNET, "adm_in_channels": None, "context_dim": 1024, "use_linear_in_transformer": True,
         "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
-    }, seed)
+    }, seed, dtype)
 
 
 def tiny_sdxl_model(seed: int = 3):

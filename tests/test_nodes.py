@@ -329,3 +329,34 @@ def test_chained_erasures_add_up(tiny_sd15_name):
     full, halves, half = image(result, "f"), image(result, "h"), image(result, "q")
     assert torch.allclose(full, halves, atol=2e-3)
     assert (full - half).abs().max() > 10 * (full - halves).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_comfy_model_trains_and_samples(comfy, dtype):
+    """A MODEL whose UNet runs in fp16/bf16: stage 2 trains the float32 adapter through it inside
+    ComfyUI's model management, and the erased clone's output is finite and differs from the base."""
+    import comfy.model_management
+
+    from comfy_harness import tiny_sd2_model
+
+    model = tiny_sd2_model(dtype=dtype)
+    assert model.model.get_dtype() == dtype
+    comfy_models = pack_module("nodes.comfy_models")
+    projections = comfy_models.check_model(model)
+    sample_sigmas, train_sigmas = comfy_models.training_sigmas(model)
+    erasure = pack_module("ace.erasure").erase(
+        __import__("toys").ToyTextEncoder(width=1024, length=77), "sd2", projections,
+        comfy_models.projection_weights(model, projections), pack_module("ace.concepts").parse_request("snoopy", "a dog"),
+        training=pack_module("ace.finetune").FinetuneConfig(steps=2),
+        attach=lambda adapter: comfy_models.attached_for_training(model, adapter),
+        latent_shape=(4, 8, 8), sample_sigmas=sample_sigmas, train_sigmas=train_sigmas,
+    )
+    assert all(math.isfinite(v) for h in erasure.info["history"] for v in h.values())
+    assert erasure.adapter.lora_down[0].dtype == torch.float32
+    x, sigma = torch.randn(1, 4, 8, 8), torch.tensor([1.0])
+    context = __import__("toys").ToyTextEncoder(width=1024, length=77).encode(["snoopy"])
+    outs = []
+    for m in (model, comfy_models.with_erasure(model, erasure, 1.0)):
+        comfy.model_management.load_models_gpu([m])
+        outs.append(m.model.apply_model(x, sigma, c_crossattn=context).float())
+    assert torch.isfinite(outs[1]).all() and not torch.equal(outs[0], outs[1])
