@@ -34,7 +34,7 @@ LOGIT_HIGH = math.log(GATE_HIGH / (1 - GATE_HIGH))
 
 @dataclass(frozen=True)
 class ClosedFormConfig:
-    rank: int = 8  # per concept and projection
+    rank: int = 32  # per concept and projection (see the README: 8 fitted MiniLM's concept badly)
     gate_rank: int = 8  # dimensions of each concept's gate subspace
     preserve_weight: float = 1.0  # λ_p
     ridge: float = 1e-3  # λ, relative to the mean energy of the concept embeddings

@@ -166,7 +166,7 @@ class ClosedFormErasure(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model the erasure is computed for (not changed)."),
                 io.Clip.Input("clip", tooltip="The CLIP loaded with this model."),
                 Concepts_.Input("concepts", tooltip="From ACE Concept List."),
-                io.Int.Input("rank", default=8, min=1, max=256, tooltip="Rank of the edit per concept and layer; higher fits the concept more closely."),
+                io.Int.Input("rank", default=32, min=1, max=256, tooltip="Rank of the edit per concept and layer; higher fits the concept more closely."),
                 io.Float.Input("preserve_weight", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="How hard the edit avoids changing the preserve concepts and everyday prompts."),
             ],
             outputs=[Erasure_.Output(display_name="ERASURE", tooltip="The closed-form erasure.")],
