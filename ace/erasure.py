@@ -2,6 +2,7 @@
 whole method from a concept request to that erasure (stages 0, 1 and 2 in order)."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
@@ -12,7 +13,7 @@ from .closed_form import ClosedFormConfig, closed_form_erasure
 from .concepts import ConceptRequest
 from .families import Projection, check_family
 from .finetune import Denoiser, FinetuneConfig, StepReport, finetune, sample_latents
-from .tokens import TextEncoder, collect_request
+from .tokens import RequestTokens, TextEncoder, collect_request
 
 
 @dataclass
@@ -70,27 +71,46 @@ def erase(
     tokens = collect_request(encoder, request)
     adapter, info = closed_form_erasure(tokens, weights, projections, closed_form)
     info["stage2_seconds"] = 0.0
+    info["closed_form"] = closed_form.__dict__
+    erasure = Erasure(family, request, adapter, info)
     if training.steps > 0:
         if attach is None or latent_shape is None or sample_sigmas is None or train_sigmas is None:
             raise ValueError("fine-tuning needs the network (attach), the latent shape and the noise levels")
-        adapter.to(device)
-        with attach(adapter) as denoise:
-            with adapter.disabled():
-                latents = [
-                    sample_latents(
-                        denoise,
-                        c.concept_context[:images_per_concept].to(device),
-                        latent_shape,
-                        sample_sigmas,
-                        seed=training.seed + i,
-                    )
-                    for i, c in enumerate(tokens.concepts)
-                ]
-            result = finetune(adapter, denoise, tokens, latents, train_sigmas, training, callback)
-        info["stage2_seconds"] = result.seconds
-        info["history"] = result.history
-        info["stopped_early"] = result.stopped_early
+        erasure = fine_tune(erasure, tokens, attach, latent_shape, sample_sigmas, train_sigmas, training,
+                            images_per_concept, device, callback)
+    return erasure
+
+
+def fine_tune(
+    erasure: Erasure,
+    tokens: RequestTokens,
+    attach: Callable[[GatedAdapter], ContextManager[Denoiser]],
+    latent_shape: tuple[int, ...],
+    sample_sigmas: torch.Tensor,
+    train_sigmas: torch.Tensor,
+    training: FinetuneConfig = FinetuneConfig(),
+    images_per_concept: int = 2,
+    device: torch.device | str = "cpu",
+    callback: Callable[[StepReport], bool | None] | None = None,
+) -> Erasure:
+    """Stage 2 on a copy of the erasure's adapter (the given erasure is not changed): sample a few
+    examples of each concept with the edit off, then `finetune` on them."""
+    adapter = copy.deepcopy(erasure.adapter)
+    adapter.to(device)
+    with attach(adapter) as denoise:
+        with adapter.disabled():
+            latents = [
+                sample_latents(
+                    denoise,
+                    c.concept_context[:images_per_concept].to(device),
+                    latent_shape,
+                    sample_sigmas,
+                    seed=training.seed + i,
+                )
+                for i, c in enumerate(tokens.concepts)
+            ]
+        result = finetune(adapter, denoise, tokens, latents, train_sigmas, training, callback)
     adapter.to("cpu")
-    info["closed_form"] = closed_form.__dict__
-    info["training"] = training.__dict__
-    return Erasure(family, request, adapter, info)
+    info = dict(erasure.info, stage2_seconds=result.seconds, history=result.history,
+                stopped_early=result.stopped_early, training=training.__dict__)
+    return Erasure(erasure.family, erasure.request, adapter, info)

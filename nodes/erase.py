@@ -2,7 +2,6 @@
 apart for people who want them (concept list, closed form, adversarial fine-tuning, apply)."""
 from __future__ import annotations
 
-import copy
 import math
 
 import comfy.model_management
@@ -11,8 +10,8 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..ace.closed_form import ClosedFormConfig
 from ..ace.concepts import ConceptRequest, parse_request
-from ..ace.erasure import Erasure, erase
-from ..ace.finetune import FinetuneConfig, finetune, sample_latents
+from ..ace.erasure import Erasure, erase, fine_tune
+from ..ace.finetune import FinetuneConfig
 from ..ace.tokens import collect_request
 from .comfy_models import (
     ClipTextEncoder,
@@ -211,24 +210,14 @@ class AdversarialFineTune(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, erasure, steps, learning_rate, adversarial_weight, preserve_weight, attack_radius, resolution, seed) -> io.NodeOutput:
         cfg = FinetuneConfig(steps=steps, learning_rate=learning_rate, adversarial_weight=adversarial_weight, preserve_weight=preserve_weight, attack_radius=attack_radius, seed=seed)
-        projections = check_model(model)
-        erasure.check_fits(family_of(model), projections)
+        erasure.check_fits(family_of(model), check_model(model))
         tokens = collect_request(_clip_encoder(model, clip), erasure.request)
-        adapter = copy.deepcopy(erasure.adapter)  # the input erasure stays as it was
-        adapter.to(model.load_device)
         sample_sigmas, train_sigmas = training_sigmas(model)
-        shape = _latent_shape(model, resolution)
-        with attached_for_training(model, adapter) as denoise:
-            with adapter.disabled():
-                latents = [
-                    sample_latents(denoise, c.concept_context[:2].to(model.load_device), shape, sample_sigmas, seed=seed + i)
-                    for i, c in enumerate(tokens.concepts)
-                ]
-            result = finetune(adapter, denoise, tokens, latents, train_sigmas, cfg, _progress_callback(steps))
-        adapter.to("cpu")
-        info = dict(erasure.info, stage2_seconds=result.seconds, history=result.history, training=cfg.__dict__)
-        tuned = Erasure(erasure.family, erasure.request, adapter, info)
-        curve = loss_curve_image(result.history)
+        tuned = fine_tune(
+            erasure, tokens, lambda adapter: attached_for_training(model, adapter), _latent_shape(model, resolution),
+            sample_sigmas, train_sigmas, cfg, device=model.load_device, callback=_progress_callback(steps),
+        )
+        curve = loss_curve_image(tuned.info["history"])
         return io.NodeOutput(tuned, curve, ui=ui.PreviewImage(curve, cls=cls))
 
 
