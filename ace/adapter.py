@@ -17,12 +17,20 @@ weight patches such as LoRAs on the same layers keep working underneath it.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
 from einops import einsum
 
 from .families import Projection
+
+
+def check_strength(strength: float) -> float:
+    """An erasure's strength must be a finite number (0 = no edit, 1 = the full edit)."""
+    if not (isinstance(strength, (int, float)) and math.isfinite(strength)):
+        raise ValueError(f"Strength must be a number, got {strength}.")
+    return float(strength)
 
 
 class GatedAdapter(torch.nn.Module):

@@ -7,7 +7,6 @@ what is wrong in the user's terms.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 
@@ -15,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .adapter import GatedAdapter
+from .adapter import GatedAdapter, check_strength
 from .concepts import ConceptRequest
 from .erasure import Erasure
 from .families import Projection
@@ -157,8 +156,7 @@ def lora_state_dict(erasure: Erasure, num_res_blocks: int, strength: float = 1.0
     """The portable LoRA: Σ_c B_c A_c with every gate open, in the kohya key layout that ComfyUI's
     LoraLoader, A1111 and diffusers load (diffusers module names for SD1.x/SD2.x, the original
     LDM names for SDXL and the toy model, as their trainers write them)."""
-    if not math.isfinite(strength):
-        raise ValueError(f"strength must be a finite number, got {strength!r}")
+    strength = check_strength(strength)
     a = erasure.adapter
     out = {}
     for p, down, up in zip(a.projections, a.lora_down, a.lora_up):

@@ -2,12 +2,12 @@
 apart for people who want them (concept list, closed form, adversarial fine-tuning, apply)."""
 from __future__ import annotations
 
-import math
 
 import comfy.model_management
 import comfy.utils
 from comfy_api.v0_0_2 import io, ui
 
+from ..ace.adapter import check_strength
 from ..ace.closed_form import ClosedFormConfig
 from ..ace.concepts import ConceptRequest, parse_request
 from ..ace.erasure import Erasure, erase, fine_tune
@@ -34,11 +34,6 @@ CONCEPTS_TOOLTIP = (
     "One concept to erase per line; synonyms after a colon, separated by commas. "
     "Example: 'Van Gogh: Vincent van Gogh, van gogh style'."
 )
-
-
-def _check_strength(strength: float) -> None:
-    if not math.isfinite(strength):
-        raise ValueError(f"Strength must be a number, got {strength}.")
 
 
 def _clip_encoder(model, clip) -> ClipTextEncoder:
@@ -126,7 +121,7 @@ class EraseConcept(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, anchor, preserve, strength, steps, seed) -> io.NodeOutput:
-        _check_strength(strength)
+        check_strength(strength)
         request = parse_request(concepts, anchor, preserve)
         erasure = erase_from_model(model, clip, request, ClosedFormConfig(), FinetuneConfig(steps=steps, seed=seed))
         return io.NodeOutput(with_erasure(model, erasure, strength), erasure)
@@ -242,7 +237,7 @@ class ApplyErasure(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, erasure, strength) -> io.NodeOutput:
-        _check_strength(strength)
+        check_strength(strength)
         return io.NodeOutput(with_erasure(model, erasure, strength))
 
 

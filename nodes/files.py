@@ -6,20 +6,20 @@ ComfyUI's own LoraLoader finds them.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import folder_paths
 from comfy_api.v0_0_2 import io, ui
 
+from ..ace.adapter import check_strength
 from ..ace.files import check_file_name, export_lora, load_erasure, save_erasure
+from .erase import Erasure_
 
 FOLDER = "ace_erasures"
 if FOLDER not in folder_paths.folder_names_and_paths:
     folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
     folder_paths.folder_names_and_paths[FOLDER] = (folder_paths.folder_names_and_paths[FOLDER][0], {".safetensors"})
 
-Erasure_ = io.Custom("ACE_ERASURE")
 
 
 def _target(folder: str, file_name: str, overwrite: bool) -> str:
@@ -102,8 +102,7 @@ class ExportLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, erasure, file_name, strength, overwrite) -> io.NodeOutput:
-        if not math.isfinite(strength):
-            raise ValueError(f"Strength must be a number, got {strength}.")
+        check_strength(strength)
         path = _target("loras", file_name, overwrite)
         export_lora(erasure, path, erasure.info.get("num_res_blocks", 2), strength)
         name = os.path.basename(path)
