@@ -283,7 +283,8 @@ def test_attack_raises_the_loss_and_adversarial_training_lowers_the_worst_case(e
         with adapter.attached(unet):
             finetune(adapter, unet, tokens, latents, TRAIN_SIGMAS, FinetuneConfig(steps=60, adversarial_weight=weight, attack_steps=3))
             worst[name] = _worst_case(adapter, unet, tokens, latents)
-    # measured: stage 1 0.040, plain fine-tuning 0.043, adversarial fine-tuning 0.031
+    # measured at the default rank 32: stage 1 0.040, plain fine-tuning 0.038, adversarial 0.033
+    # (at rank 8: 0.040, 0.043, 0.032)
     assert worst["adversarial"] < 0.9 * worst["stage1"]
     assert worst["adversarial"] < 0.9 * worst["plain"]
 
