@@ -11,6 +11,7 @@ the preserve concepts, the neutral prompts and a pool of everyday prompts).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -190,6 +191,14 @@ def collect_concept(
     )
 
 
+def _mentions(prompt: str, request: ConceptRequest) -> bool:
+    """Whether a prompt names a phrase the request erases: such a prompt must not be preserved
+    (erasing "cat" while keeping "a cat sleeping on a sofa" fights the edit and its gate)."""
+    words = f" {' '.join(re.findall(r'[a-z0-9]+', prompt.lower()))} "
+    return any(f" {' '.join(re.findall(r'[a-z0-9]+', phrase.lower()))} " in words
+               for c in request.concepts for phrase in c.phrases)
+
+
 def collect_request(
     encoder: TextEncoder,
     request: ConceptRequest,
@@ -198,5 +207,5 @@ def collect_request(
 ) -> RequestTokens:
     concepts = [collect_concept(encoder, c, templates) for c in request.concepts]
     preserve_prompts = [fill(t, p) for p in request.preserve for t in templates]
-    preserve_prompts += list(everyday_prompts)
+    preserve_prompts += [p for p in everyday_prompts if not _mentions(p, request)]
     return RequestTokens(concepts, preserve_prompts, _encode(encoder, preserve_prompts))

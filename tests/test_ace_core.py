@@ -101,6 +101,15 @@ def test_empty_anchor_maps_onto_the_prompt_without_the_concept(encoder):
     assert tokens.P.shape[1] == 64
 
 
+def test_everyday_prompts_naming_an_erased_concept_are_not_preserved(encoder):
+    tokens = collect_request(encoder, parse_request("Cat: red car", preserve_text="dog"))
+    kept = [p for p in tokens.preserve_prompts if "dog" not in p.split()]
+    assert "a cat sleeping on a sofa" not in kept and "a red car parked by the road" not in kept
+    assert "a dog running on the beach" in tokens.preserve_prompts  # kept: only erased phrases are dropped
+    assert "a portrait of a woman smiling" in tokens.preserve_prompts
+    assert len(tokens.preserve_prompts) == len(tokens.preserve_context)
+
+
 # --- stage 1 ------------------------------------------------------------------------------------
 
 def test_closed_form_maps_concept_onto_neutral_and_leaves_preserve(encoder, unet):
