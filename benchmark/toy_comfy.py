@@ -46,7 +46,7 @@ UNET_CONFIG = {
     "in_channels": 3,
     "out_channels": 3,
     "model_channels": 32,
-    "num_res_blocks": 1,
+    "num_res_blocks": [1, 1, 1],  # a list, as ComfyUI's detected configs have it (its LoRA key mapping indexes it)
     "channel_mult": [1, 2, 4],
     "transformer_depth": [0, 1, 1],
     "transformer_depth_middle": 1,

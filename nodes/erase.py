@@ -28,7 +28,7 @@ from .loss_plot import loss_curve_image
 Erasure_ = io.Custom("ACE_ERASURE")
 Concepts_ = io.Custom("ACE_CONCEPTS")
 
-DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024, "ace-toy": 128}
 
 CONCEPTS_TOOLTIP = (
     "One concept to erase per line; synonyms after a colon, separated by commas. "
@@ -88,6 +88,17 @@ def erase_from_model(model, clip, request: ConceptRequest, closed_form: ClosedFo
     )
     erasure.info["num_res_blocks"] = num_res_blocks(model)
     return erasure
+
+
+def fine_tune_on_model(model, clip, erasure: Erasure, training: FinetuneConfig, resolution: int) -> Erasure:
+    """Stage 2 of an existing erasure on a ComfyUI MODEL and CLIP (neither is changed)."""
+    erasure.check_fits(family_of(model), check_model(model))
+    tokens = collect_request(_clip_encoder(model, clip), erasure.request)
+    sample_sigmas, train_sigmas = training_sigmas(model)
+    return fine_tune(
+        erasure, tokens, lambda adapter: attached_for_training(model, adapter), _latent_shape(model, resolution),
+        sample_sigmas, train_sigmas, training, device=model.load_device, callback=_progress_callback(training.steps),
+    )
 
 
 class EraseConcept(io.ComfyNode):
@@ -205,13 +216,7 @@ class AdversarialFineTune(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, erasure, steps, learning_rate, adversarial_weight, preserve_weight, attack_radius, resolution, seed) -> io.NodeOutput:
         cfg = FinetuneConfig(steps=steps, learning_rate=learning_rate, adversarial_weight=adversarial_weight, preserve_weight=preserve_weight, attack_radius=attack_radius, seed=seed)
-        erasure.check_fits(family_of(model), check_model(model))
-        tokens = collect_request(_clip_encoder(model, clip), erasure.request)
-        sample_sigmas, train_sigmas = training_sigmas(model)
-        tuned = fine_tune(
-            erasure, tokens, lambda adapter: attached_for_training(model, adapter), _latent_shape(model, resolution),
-            sample_sigmas, train_sigmas, cfg, device=model.load_device, callback=_progress_callback(steps),
-        )
+        tuned = fine_tune_on_model(model, clip, erasure, cfg, resolution)
         curve = loss_curve_image(tuned.info["history"])
         return io.NodeOutput(tuned, curve, ui=ui.PreviewImage(curve, cls=cls))
 
