@@ -2,7 +2,8 @@
 
 Nothing here mocks ComfyUI: the pack is loaded by ComfyUI's own loader, graphs run through its
 `execution.PromptExecutor`, checkpoints load through its `CheckpointLoaderSimple`, and
-`ComfyServer` starts its `main.py` and talks to it over HTTP.
+`ComfyServer` (from `runner/server.py`, which the demo shares) starts its `main.py` and talks to
+it over HTTP.
 
 ComfyUI is found through COMFYUI_PATH, else the path `scripts/setup.sh` wrote to
 .cache/comfyui-path. Our `nodes/` package clashes with ComfyUI's top-level `nodes` module, so
@@ -14,20 +15,25 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-PACK_NAME = "comfyui-ace"  # the folder name users clone into custom_nodes/
+from runner.server import (  # noqa: F401  (the server side, shared with the demo; re-exported for tests)
+    PACK_NAME,
+    REPO,
+    ComfyServer,
+    GraphError,
+    HarnessError,
+    find_comfyui,
+    free_port,
+    install_checkpoint,
+    link_pack,
+)
+
 MODEL_CACHE = REPO / ".cache" / "test-models"
 
 # Bump when the tiny checkpoint's recipe changes; the cached file is keyed by it.
@@ -47,32 +53,7 @@ TINY_SD15_UNET = {
 }
 
 
-class HarnessError(RuntimeError):
-    """The test set-up itself is broken (no ComfyUI, server did not start, ...)."""
-
-
-# --- finding and starting ComfyUI ---------------------------------------------------------------
-
-def find_comfyui() -> Path:
-    """ComfyUI's folder: $COMFYUI_PATH, else the one recorded by scripts/setup.sh."""
-    env = os.environ.get("COMFYUI_PATH")
-    recorded = REPO / ".cache" / "comfyui-path"
-    if env:
-        path, source = Path(env), "COMFYUI_PATH"
-    elif recorded.is_file():
-        path, source = Path(recorded.read_text().strip()), str(recorded)
-    else:
-        raise HarnessError(
-            "No ComfyUI found: set COMFYUI_PATH to a ComfyUI folder (the one holding main.py), "
-            "or run `bash scripts/setup.sh` to unpack the pinned ComfyUI 0.3.75."
-        )
-    if not (path / "main.py").is_file() or not (path / "comfy").is_dir():
-        raise HarnessError(
-            f"{path} (from {source}) is not a ComfyUI folder: no main.py and comfy/. "
-            "Fix COMFYUI_PATH or run `bash scripts/setup.sh`."
-        )
-    return path.resolve()
-
+# --- ComfyUI in this process ---------------------------------------------------------------------
 
 @dataclass
 class ComfyEnv:
@@ -85,15 +66,6 @@ class ComfyEnv:
 
 
 _ENV: ComfyEnv | None = None
-
-
-def link_pack(custom_nodes: Path) -> Path:
-    """Put this checkout into a custom_nodes folder as `comfyui-ace`, as a user's clone would be."""
-    custom_nodes.mkdir(parents=True, exist_ok=True)
-    link = custom_nodes / PACK_NAME
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
-    return link
 
 
 def init_comfyui(base_dir: Path) -> ComfyEnv:
@@ -239,16 +211,6 @@ def tiny_sd15_checkpoint() -> Path:
     return path
 
 
-def install_checkpoint(checkpoint: Path, models_dir: Path) -> str:
-    """Make a checkpoint visible in models_dir/checkpoints; return the name ComfyUI lists."""
-    folder = models_dir / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / checkpoint.name
-    if not target.exists():
-        target.symlink_to(checkpoint)
-    return checkpoint.name
-
-
 def load_checkpoint(ckpt_name: str):
     """(MODEL, CLIP, VAE) through ComfyUI's own CheckpointLoaderSimple node."""
     import nodes
@@ -362,16 +324,6 @@ class _HeadlessServer:
         self.messages.append((event, data))
 
 
-class GraphError(RuntimeError):
-    """A graph failed validation or a node raised; `.node_id`, `.exception_type`, `.details`."""
-
-    def __init__(self, message: str, node_id=None, exception_type=None, details=None):
-        super().__init__(message)
-        self.node_id = node_id
-        self.exception_type = exception_type
-        self.details = details
-
-
 @dataclass
 class GraphResult:
     """`outputs[node_id]` is the node's output tuple (each slot unwrapped when it holds one
@@ -426,129 +378,7 @@ def run_graph(prompt: dict, fresh_cache: bool = False) -> GraphResult:
     return GraphResult(results, dict(_EXECUTOR.history_result["outputs"]), list(_EXECUTOR.status_messages))
 
 
-# --- the real server -----------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ComfyServer:
-    """ComfyUI's real server (`main.py`) in a subprocess, on loopback, CPU only.
-
-    Its base directory is a temp folder: models/checkpoints holds the given checkpoints and
-    custom_nodes/comfyui-ace links to this checkout (as a user's clone would be), so only this
-    pack and ComfyUI's built-ins load. Use as a context manager; the process group is killed on
-    exit. The server log is in `log_path`.
-    """
-
-    def __init__(self, base_dir: Path, checkpoints: list[Path] = (), start_timeout: float = 120.0,
-                 extra_args: list[str] = ()):
-        self.base_dir = Path(base_dir)
-        self.checkpoints = list(checkpoints)
-        self.start_timeout = start_timeout
-        self.extra_args = list(extra_args)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = self.base_dir / "server.log"
-        self.process: subprocess.Popen | None = None
-
-    def __enter__(self) -> "ComfyServer":
-        comfy_path = find_comfyui()
-        for name in self.checkpoints:
-            install_checkpoint(name, self.base_dir / "models")
-        link_pack(self.base_dir / "custom_nodes")
-        cmd = [
-            sys.executable, "main.py", "--cpu", "--use-pytorch-cross-attention",
-            "--listen", "127.0.0.1", "--port", str(self.port),
-            "--base-directory", str(self.base_dir), "--database-url", "sqlite:///:memory:",
-            "--disable-auto-launch", "--disable-api-nodes", *self.extra_args,
-        ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "DO_NOT_TRACK": "1"}
-        self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            cmd, cwd=comfy_path, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True,
-        )
-        try:
-            self._wait_until_up()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            pgid = os.getpgid(self.process.pid)
-            os.killpg(pgid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(pgid, signal.SIGKILL)
-                self.process.wait(timeout=15)
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
-            self._log = None
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def _wait_until_up(self) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise HarnessError(f"ComfyUI exited with {self.process.returncode} while starting:\n{self.log_tail()}")
-            try:
-                self.get("/system_stats", timeout=2)
-                return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                time.sleep(0.25)
-        raise HarnessError(f"ComfyUI did not answer /system_stats within {self.start_timeout:.0f} s:\n{self.log_tail()}")
-
-    def get(self, route: str, timeout: float = 10):
-        with urllib.request.urlopen(self.url + route, timeout=timeout) as r:
-            return json.loads(r.read())
-
-    def post(self, route: str, payload: dict, timeout: float = 10):
-        request = urllib.request.Request(
-            self.url + route, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:  # ComfyUI answers 400 with the validation errors
-            raise GraphError(f"POST {route} -> {e.code}: {e.read().decode(errors='replace')}") from None
-
-    def submit(self, prompt: dict) -> str:
-        """Queue an API-format graph (POST /prompt); returns its prompt_id."""
-        return self.post("/prompt", {"prompt": prompt, "client_id": "ace-tests"})["prompt_id"]
-
-    def wait(self, prompt_id: str, timeout: float = 120.0) -> dict:
-        """Poll /history/<id> until the prompt is done; returns its history entry
-        (`outputs`, `status` with `status_str`, `completed` and `messages`)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-                entry = history[prompt_id]
-                if entry["status"].get("status_str") in ("success", "error"):
-                    return entry
-            if self.process.poll() is not None:
-                raise HarnessError(f"ComfyUI exited while running {prompt_id}:\n{self.log_tail()}")
-            time.sleep(0.2)
-        raise HarnessError(f"prompt {prompt_id} not done within {timeout:.0f} s:\n{self.log_tail()}")
-
-    def run(self, prompt: dict, timeout: float = 120.0) -> dict:
-        """submit + wait: the finished history entry."""
-        return self.wait(self.submit(prompt), timeout)
-
+# --- the checkout --------------------------------------------------------------------------------
 
 def copy_tracked_tree(dest: Path) -> Path:
     """Copy this checkout's tracked and not-ignored files (the working copy) to dest."""

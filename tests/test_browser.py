@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from comfy_harness import PACK_NAME, REPO, ComfyServer
-from ui_workflows import CHECKPOINT, executed_nodes, load, shipped, to_api
+from runner.workflows import CHECKPOINT, executed_nodes, load, shipped, to_api, uses_toy_model
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Offline: without the background-networking flags Chromium keeps trying hosts it cannot reach.
@@ -121,8 +121,9 @@ def test_frontend_loads_the_workflow_with_every_node_known(path, frontend, objec
     assert loaded["warned"]["nodes"] == [] and loaded["unknown"] == []
     assert loaded["types"] == [n["type"] for n in workflow["nodes"]]
     # The only model the test server lacks is the SD1.5 checkpoint, and the frontend knows where
-    # to download it from (the Note says which model the workflow expects, too).
-    assert loaded["warned"]["models"] == [CHECKPOINT]
+    # to download it from (the Note says which model the workflow expects, too). The toy model
+    # ships with the pack.
+    assert loaded["warned"]["models"] == ([] if uses_toy_model(workflow) else [CHECKPOINT])
     assert frontend.new_errors(before) == []
     assert frontend.page.locator(".p-dialog:visible, .p-toast-message-error").count() == 0
     # The frontend's own conversion is the prompt the server tests run (before their tiny-model

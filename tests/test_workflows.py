@@ -11,13 +11,14 @@ import re
 import pytest
 from PIL import Image
 
-from ui_workflows import (
+from runner.workflows import (
     CHECKPOINT,
     executed_nodes,
     for_tiny_model,
     load,
     shipped,
     to_api,
+    uses_toy_model,
     widget_count,
     widget_inputs,
 )
@@ -30,6 +31,8 @@ EXPORTED_LORA = "van_gogh_lora.safetensors"
 # What each workflow saves, at 64 px on the tiny model: (width, height) of each image
 # (stitched side by side with 16 px between, or as a grid).
 SAVED_IMAGES = {
+    # The demo runs on the toy model at its own 16x16: four prompts, before and after, 4 pictures each.
+    "ACE 0 - Demo on the toy model": [(16, 16)] * 32,
     "ACE 1 - Erase, before and after": [(144, 64)],
     "ACE 2 - Erase several concepts": [(144, 224)],
     "ACE 3a - Save erasure and LoRA": [],
@@ -60,7 +63,7 @@ def test_workflow_file_is_a_ui_workflow_named_for_the_template_browser(path):
     # characters) and under it as the description; keep it short and portable (Windows too).
     assert path.stem.startswith("ACE ") and len(path.stem) <= 32
     assert not re.search(r'[<>:"/\\|?*]', path.stem)
-    assert path.with_suffix(".jpg").is_file(), "no thumbnail: run scripts/workflow_thumbnails.py"
+    assert path.with_suffix(".jpg").is_file(), "no thumbnail: run `bash scripts/demo.sh --thumbnails`"
     workflow = load(path)
     assert workflow["version"] == 0.4 and workflow["nodes"] and workflow["links"] and workflow["groups"]
     ids = [n["id"] for n in workflow["nodes"]]
@@ -78,15 +81,29 @@ def test_workflow_has_a_note_saying_which_model_and_what_to_change(path):
     assert len(notes) == 1
     note = notes[0]
     assert note.startswith(path.stem)  # the note's title is the workflow's
-    assert "SD1.5 checkpoint" in note and CHECKPOINT in note and "To change" in note
+    assert "To change" in note
+    if uses_toy_model(workflow):
+        assert "toy model" in note and "none to download" in note
+    else:
+        assert "SD1.5 checkpoint" in note and CHECKPOINT in note
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem.split(" - ")[0])
 def test_workflow_defaults_are_for_real_use(path):
+    from benchmark.toy_comfy import DEFAULT_SAMPLER
+
     nodes = load(path)["nodes"]
+    on_toy = uses_toy_model(load(path))
     for node in nodes:
         values = node["widgets_values"]
-        if node["type"] == "CheckpointLoaderSimple":
+        if on_toy and node["type"] == "EmptyLatentImage":
+            assert values[:2] == [128, 128]  # the toy model's 16x16 grid
+        elif on_toy and node["type"] == "KSampler":
+            seed, control, *settings = values[:6]
+            assert control == "fixed" and settings == [DEFAULT_SAMPLER[k] for k in ("steps", "cfg", "sampler_name", "scheduler")]
+        elif on_toy:
+            assert node["type"] != "CheckpointLoaderSimple"
+        elif node["type"] == "CheckpointLoaderSimple":
             assert values == [CHECKPOINT]
             # The frontend offers to download a missing model named in the node's properties.
             (model,) = node["properties"]["models"]
@@ -156,7 +173,7 @@ def saved_images(server, prompt: dict, entry: dict) -> list[Image.Image]:
             for image in entry["outputs"][node_id]["images"]:
                 assert image["type"] == "output"
                 path = server.base_dir / "output" / image["subfolder"] / image["filename"]
-                assert image["subfolder"] == "ACE" and path.is_file(), path
+                assert image["subfolder"].split("/")[0] == "ACE" and path.is_file(), path
                 with Image.open(path) as png:
                     png.load()
                     images.append(png)
