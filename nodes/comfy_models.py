@@ -83,12 +83,17 @@ class ClipTextEncoder:
 
 
 def projection_weights(model_patcher, projections: list[Projection]) -> dict[str, torch.Tensor]:
-    """The weights of the projections ACE edits, with the MODEL's weight patches (LoRAs) applied."""
+    """The weights of the projections ACE edits, with the MODEL's weight patches (LoRAs) applied.
+
+    Clones of a MODEL share its weights, and ComfyUI patches them in place for whichever clone it
+    loaded last (a LoRA in another branch of the graph, this MODEL itself): the original weight
+    then sits in the clones' shared `backup`, and that is the one to start from."""
     modules = dict(unet_of(model_patcher).named_modules())
     weights = {}
     for p in projections:
         key = f"diffusion_model.{p.name}.weight"
-        weight = modules[p.name].weight
+        backup = model_patcher.backup.get(key)
+        weight = backup.weight if backup is not None else modules[p.name].weight
         if key in model_patcher.patches:
             weight = comfy.lora.calculate_weight(model_patcher.patches[key], weight.float().clone(), key)
         weights[p.name] = weight

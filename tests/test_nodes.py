@@ -331,6 +331,33 @@ def test_chained_erasures_add_up(tiny_sd15_name):
     assert (full - half).abs().max() > 10 * (full - halves).abs().max()
 
 
+def test_weights_come_from_the_model_not_from_another_clone_loaded_in_memory(tiny_sd15):
+    """ComfyUI patches shared weights in place for the clone it loaded last (a LoRA branch); the
+    erasure must still be solved against this MODEL's own weights."""
+    import comfy.model_management
+
+    comfy_models = pack_module("nodes.comfy_models")
+    model = tiny_sd15[0]
+    projections = comfy_models.check_model(model)
+    name = projections[0].name
+    key = f"diffusion_model.{name}.weight"
+    original = {k: v.detach().clone() for k, v in comfy_models.projection_weights(model, projections).items()}
+    other = model.clone()
+    other.add_patches({key: (torch.ones_like(original[name]),)}, 1.0)
+    mine = model.clone()
+    mine.add_patches({key: (torch.full_like(original[name], 2.0),)}, 1.0)
+    try:
+        for loaded in (other, mine):  # another clone patched in memory, then this MODEL's own clone
+            comfy.model_management.load_models_gpu([loaded], force_full_load=True)
+            in_memory = dict(comfy_models.unet_of(model).named_modules())[name].weight
+            assert not torch.equal(in_memory, original[name])
+            assert all(torch.equal(w, original[k]) for k, w in comfy_models.projection_weights(model, projections).items())
+            assert torch.allclose(comfy_models.projection_weights(mine, projections)[name], original[name] + 2.0)
+    finally:
+        comfy.model_management.unload_all_models()
+    assert torch.equal(dict(comfy_models.unet_of(model).named_modules())[name].weight, original[name])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_comfy_model_trains_and_samples(comfy, dtype):
     """A MODEL whose UNet runs in fp16/bf16: stage 2 trains the float32 adapter through it inside
