@@ -9,6 +9,8 @@ layers. The gate `g_c(e) = sigmoid((s_c(e) − τ_c) / T_c)` looks at `s_c(e)`, 
 squared coordinate of the centred embedding along the concept's directions `U_c` (directions
 where concept tokens vary far more than preserve tokens, scaled to unit preserve variance), so it
 fires on concept-like tokens and stays shut on everything else. All concepts are stacked into one batched operation.
+With `gate_scope = "prompt"` (text encoders that read in both directions, see
+`families.GATE_SCOPES`), every position of a prompt `[B, L, d]` uses the prompt's largest gate.
 
 The adapter is plain torch. It attaches to a network by replacing the `forward` of each
 projection module (`patched_forwards`), which is exactly what a ComfyUI object patch does, so
@@ -43,8 +45,12 @@ class GatedAdapter(torch.nn.Module):
         gate_log_temperature: torch.Tensor,  # [K]
         lora_down: list[torch.Tensor],  # per projection [K, r, d]   (A)
         lora_up: list[torch.Tensor],  # per projection [K, d_out, r]  (B)
+        gate_scope: str = "token",  # or "prompt": see families.GATE_SCOPES
     ):
         super().__init__()
+        if gate_scope not in ("token", "prompt"):
+            raise ValueError(f"gate scope must be 'token' or 'prompt', got {gate_scope!r}")
+        self.gate_scope = gate_scope
         self.projections = list(projections)
         self.register_buffer("gate_basis", gate_basis.float())
         self.register_buffer("gate_center", gate_center.float())
@@ -91,7 +97,10 @@ class GatedAdapter(torch.nn.Module):
 
     def delta(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """The edit added to projection `index` for input tokens `x` `[..., d]`."""
-        g = self.gate(x).to(x.dtype)  # [..., K]
+        g = self.gate(x)  # [..., L, K]
+        if self.gate_scope == "prompt" and x.dim() >= 3:  # [B, L, d]: prompts of L tokens
+            g = g.amax(dim=-2, keepdim=True)  # the prompt's largest gate, at every position
+        g = g.to(x.dtype)
         A = self._like(self.lora_down[index], x)
         B = self._like(self.lora_up[index], x)
         z = einsum(x, A, "... d, k r d -> ... k r") * (g * self.strength).unsqueeze(-1)

@@ -11,7 +11,7 @@ import torch
 from .adapter import GatedAdapter
 from .closed_form import ClosedFormConfig, closed_form_erasure
 from .concepts import ConceptRequest
-from .families import Projection, check_family
+from .families import GATE_SCOPES, Projection, check_family
 from .finetune import Denoiser, FinetuneConfig, StepReport, finetune, sample_latents
 from .tokens import RequestTokens, TextEncoder, collect_request
 
@@ -70,6 +70,7 @@ def erase(
     check_family(family, projections)
     tokens = collect_request(encoder, request)
     adapter, info = closed_form_erasure(tokens, weights, projections, closed_form)
+    adapter.gate_scope = GATE_SCOPES[family]
     info["stage2_seconds"] = 0.0
     info["closed_form"] = closed_form.__dict__
     erasure = Erasure(family, request, adapter, info)

@@ -19,6 +19,14 @@ SUPPORTED_FAMILIES: dict[str, str] = {
 }
 CONTEXT_WIDTHS: dict[str, int] = {"sd1": 768, "sd2": 1024, "sdxl": 2048, "ace-toy": 384}
 
+# Where a concept lives in the context, which sets how far its gate reaches. CLIP's text encoders
+# (SD1.x, SD2.x, SDXL) are causal: a token carries only the words up to it, so the concept is in
+# its own tokens and those after, and the gate decides token by token. The toy model's MiniLM is
+# bidirectional: every token of a prompt carries the concept, so a gate that opens on any token
+# opens for the whole prompt (on the toy benchmark this lowered the erased concept's accuracy
+# with specificity unchanged: see benchmark/README.md, `ace` against `ace_token_gate`).
+GATE_SCOPES: dict[str, str] = {"sd1": "token", "sd2": "token", "sdxl": "token", "ace-toy": "prompt"}
+
 PROJECTION_SUFFIXES = ("attn2.to_k", "attn2.to_v")
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from .adapter import GatedAdapter, check_strength
 from .concepts import ConceptRequest
 from .erasure import Erasure
-from .families import Projection
+from .families import GATE_SCOPES, Projection
 
 FORMAT = "ace-erasure"
 FORMAT_VERSION = 1
@@ -132,6 +132,7 @@ def load_erasure(path: str) -> Erasure:
         gate_log_temperature=get("gate.log_temperature", (K,)),
         lora_down=[get(f"{p.name}.lora_down", (K, r, p.in_features)) for p in projections],
         lora_up=[get(f"{p.name}.lora_up", (K, p.out_features, r)) for p in projections],
+        gate_scope=GATE_SCOPES.get(family, "token"),
     )
     if tensors:
         raise ErasureFileError(f"'{name}' has unexpected tensors ({sorted(tensors)[0]}, ...); it is not an erasure this pack wrote.")

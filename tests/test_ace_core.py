@@ -158,6 +158,25 @@ def test_closed_gates_shut_gives_the_base_output_exactly(encoder, unet):
     assert "forward" not in dict(unet.named_modules())[adapter.projections[0].name].__dict__
 
 
+def test_prompt_scoped_gate_edits_every_position_of_a_prompt_with_the_concept(encoder, unet):
+    _, _, adapter, _ = stage1(encoder, unet)
+    e = encoder.encode(["my beagle on the grass", "a horse on the grass"])  # [2, L, d]
+    token = adapter.delta(0, e)
+    adapter.gate_scope = "prompt"
+    prompt = adapter.delta(0, e)
+    g = adapter.gate(e)[..., 0]
+    full = torch.einsum("bld,rd,or->blo", e, adapter.lora_down[0][0], adapter.lora_up[0][0])
+    # the concept's prompt: every position gets the edit at the prompt's largest gate
+    assert torch.allclose(prompt[0], g[0].max() * full[0], atol=1e-5)
+    assert (prompt[0, 0] - token[0, 0]).abs().max() > 0.1 * full[0, 0].abs().max()  # "my": before, shut per token
+    # a prompt without the concept: its largest gate is shut, so the whole prompt stays shut
+    assert g[1].max() < 0.05
+    assert prompt[1].abs().max() < 0.05 * full[1].abs().max()
+    with pytest.raises(ValueError, match="gate scope"):
+        type(adapter)(adapter.projections, adapter.gate_basis, adapter.gate_center, adapter.gate_threshold,
+                      adapter.gate_log_temperature, list(adapter.lora_down), list(adapter.lora_up), gate_scope="word")
+
+
 def test_strength_scales_the_edit(encoder, unet):
     _, tokens, adapter, _ = stage1(encoder, unet)
     C = tokens.concepts[0].C
@@ -316,6 +335,7 @@ def test_erase_runs_all_stages_and_save_load_is_exact(tmp_path):
     save_erasure(erasure, path)
     loaded = load_erasure(path)
     assert loaded.family == "ace-toy" and loaded.request == request
+    assert erasure.adapter.gate_scope == loaded.adapter.gate_scope == "prompt"  # MiniLM reads both ways
     for a, b in zip(erasure.adapter.state_dict().values(), loaded.adapter.state_dict().values()):
         assert torch.equal(a, b)
     assert loaded.info["final_losses"] == erasure.info["history"][-1]
