@@ -41,9 +41,13 @@ class WorldClassifier(nn.Module):
                                       nn.Flatten(), nn.Linear(96 * 16, 128), nn.ReLU())
         self.heads = nn.ModuleDict({k: nn.Linear(128, len(v)) for k, v in HEADS.items()})
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, 16, 16) in [0, 1] -> the 128 features the heads read (the benchmark's FID space)."""
+        return self.features(images * 2 - 1)
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images (B, 3, 16, 16) in [0, 1] -> logits per attribute."""
-        h = self.features(images * 2 - 1)
+        h = self.embed(images)
         return {k: head(h) for k, head in self.heads.items()}
 
 

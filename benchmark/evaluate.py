@@ -49,18 +49,23 @@ def pick(prompts: list, n: int) -> list:
 
 def evaluate_concepts(model_patcher, clip, classifier, concepts: list[tuple[str, str]] | None = None,
                       split: str = "train", per_concept: int = 32, seed: int = 0, batch: int = 256,
-                      **sampler) -> dict[str, dict]:
-    """{concept: {kind, accuracy, chance, n}} for the model's generations from each concept's prompts."""
+                      heldout: dict | None = None, keep_images: bool = False, **sampler) -> dict[str, dict]:
+    """{concept: {kind, accuracy, chance, n}} for the model's generations from each concept's prompts
+    (and, with keep_images, the generations themselves under "images").
+
+    The same concepts, split, per_concept and seed always give the same prompts and initial noise,
+    so two models evaluated alike differ only by what the models do. `heldout` replaces
+    prompts/heldout.json (the request words, left-out synonyms and held-out templates)."""
     from benchmark.classifier import classify
     from benchmark.toy_comfy import encode_prompts, sample_contexts
 
     concepts = concepts or world.all_concepts()
     jobs = []  # (concept, kind, prompt)
     for kind, name in concepts:
-        for p in pick(world.concept_prompts(kind, name, split), per_concept):
+        for p in pick(world.concept_prompts(kind, name, split, heldout=heldout), per_concept):
             jobs.append((name, kind, p))
     uncond = encode_prompts(clip, [""])
-    oks = []
+    oks, kept = [], []
     with torch.no_grad():
         for start in range(0, len(jobs), batch):
             chunk = jobs[start:start + batch]
@@ -70,6 +75,7 @@ def evaluate_concepts(model_patcher, clip, classifier, concepts: list[tuple[str,
             for i, (name, kind, p) in enumerate(chunk):
                 one = {k: [v[i]] for k, v in pred.items()}
                 oks.append(correct(one, [p], kind)[0])
+            kept.append(images)
     out: dict[str, dict] = {}
     for (name, kind, _), ok in zip(jobs, oks):
         r = out.setdefault(name, {"kind": kind, "correct": 0, "n": 0, "chance": world.CHANCE[kind]})
@@ -77,6 +83,10 @@ def evaluate_concepts(model_patcher, clip, classifier, concepts: list[tuple[str,
         r["n"] += 1
     for r in out.values():
         r["accuracy"] = r["correct"] / r["n"]
+    if keep_images:
+        images = torch.cat(kept)
+        for name, r in out.items():
+            r["images"] = images[[i for i, job in enumerate(jobs) if job[0] == name]]
     return out
 
 

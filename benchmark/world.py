@@ -54,9 +54,39 @@ def load_concepts() -> dict:
     return json.loads((PROMPTS_DIR / "concepts.json").read_text())
 
 
-def load_heldout() -> dict:
-    """Templates and rewordings never seen in training (`prompts/heldout.json`)."""
-    return json.loads((PROMPTS_DIR / "heldout.json").read_text())
+def load_heldout(path: Path | str | None = None) -> dict:
+    """Templates and rewordings never seen in training (`prompts/heldout.json`, or another file in
+    its schema), checked so that a bad file fails here with a message saying what to fix."""
+    path = Path(path) if path else PROMPTS_DIR / "heldout.json"
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"prompt file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"prompt file {path} is not valid JSON: {e}") from None
+    check_heldout(data, str(path))
+    return data
+
+
+def check_heldout(data, where: str = "the prompt file") -> None:
+    """Raise ValueError unless `data` has heldout.json's schema and covers every concept of the world."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object with templates, entity_templates, request, left_out")
+    for key, placeholder in (("templates", "{x}"), ("entity_templates", "{x}")):
+        templates = data.get(key)
+        if not (isinstance(templates, list) and templates and all(isinstance(t, str) and placeholder in t for t in templates)):
+            raise ValueError(f"{where}: '{key}' must be a non-empty list of strings, each with {placeholder} for the concept")
+    names = [name for _, name in all_concepts()]
+    for key in ("request", "left_out"):
+        words = data.get(key)
+        if not isinstance(words, dict):
+            raise ValueError(f"{where}: '{key}' must map every concept of the world to a list of words")
+        missing = [n for n in names if n not in words]
+        if missing:
+            raise ValueError(f"{where}: '{key}' has no words for {', '.join(missing)}")
+        bad = [n for n in names if not (isinstance(words[n], list) and words[n] and all(isinstance(w, str) and w.strip() for w in words[n]))]
+        if bad:
+            raise ValueError(f"{where}: '{key}' must give each concept a non-empty list of words; see {', '.join(bad)}")
 
 
 def entity_specs() -> dict[str, Spec]:

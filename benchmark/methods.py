@@ -1,0 +1,239 @@
+"""The erasure methods the benchmark compares, each run on a ComfyUI MODEL + CLIP.
+
+Every method takes the same inputs, a `ConceptRequest` (what to erase, its anchor, what to keep)
+and the toy model, and returns an `Erased`: a ComfyUI MODEL clone that renders with the concepts
+erased, plus its timings. The input MODEL is never changed.
+
+    ace              stages 0-2, as the "ACE Erase Concept" node runs them
+    ace_stage1       the closed-form gated edit alone (no fine-tuning)
+    ace_ungated      stages 1-2 with every gate fixed open: the low-rank edit fires on every token
+    ace_no_adv       stages 1-2 without the adversarial term (α = 0)
+    ace_token_gate   stages 0-2 with the gate decided token by token (as for SD's causal CLIP) instead
+                     of per prompt (the toy's MiniLM reads in both directions)
+    ace_lora_export  `ace`'s erasure exported as the portable LoRA (gate open) and loaded the way
+                     ComfyUI's LoraLoader loads it
+    uce              Unified Concept Editing: the same token sets and closed-form objective as
+                     stage 1, solved at full rank with no gate, written into the weights
+    esd_x            Erased Stable Diffusion, cross-attention variant: the key/value weights
+                     fine-tuned with negative guidance, ε(x, c) → ε(x) − η(ε(x, c) − ε(x))
+
+The ACE variants go through the pack's own code paths (`nodes/erase.py`, `nodes/comfy_models.py`);
+the two baselines are written here, on the same stage-0 tokens and noise levels, so that the
+comparison differs only in the method.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from benchmark.pack import pack_module
+
+RESOLUTION = 128  # the toy's 16x16 pixel grid, in ComfyUI's pixel units (latent side × 8)
+
+ACE_TRAINING = {"steps": 40}  # FinetuneConfig fields the benchmark sets (the node's defaults otherwise)
+ESD_STEPS = 100  # about ACE's stage-2 time: an ESD step is one backward pass, an ACE step four
+ESD_LEARNING_RATE = 1e-3
+ESD_GUIDANCE = 1.0  # η of ESD's negative guidance
+
+METHODS = ("ace", "ace_stage1", "ace_ungated", "ace_no_adv", "ace_token_gate", "ace_lora_export", "uce", "esd_x")
+
+
+@dataclass
+class Erased:
+    model: object  # the erased ComfyUI MODEL (a clone of the input)
+    stage1_seconds: float  # stage 0 + closed form (or the method's own set-up)
+    stage2_seconds: float  # fine-tuning
+    erasure: object | None = None  # ace.erasure.Erasure, for the ACE variants
+    info: dict = field(default_factory=dict)
+
+
+# --- ACE and its ablations -----------------------------------------------------------------------
+
+def _finetune_config(**overrides):
+    FinetuneConfig = pack_module("ace.finetune").FinetuneConfig
+    return FinetuneConfig(**{**ACE_TRAINING, **overrides})
+
+
+def open_gates(erasure) -> None:
+    """Fix every gate of the erasure open (threshold far below any score; its gradient vanishes)."""
+    with torch.no_grad():
+        erasure.adapter.gate_threshold.fill_(-1e4)
+
+
+def ace(model, clip, request, steps: int | None = None, adversarial: bool = True, gated: bool = True,
+        gate_scope: str | None = None) -> Erased:
+    erase = pack_module("nodes.erase")
+    comfy_models = pack_module("nodes.comfy_models")
+    ClosedFormConfig = pack_module("ace.closed_form").ClosedFormConfig
+    training = _finetune_config(**({} if steps is None else {"steps": steps}))
+    if not adversarial:
+        training = replace(training, adversarial_weight=0.0)
+
+    start = time.perf_counter()
+    erasure = erase.erase_from_model(model, clip, request, ClosedFormConfig(), replace(training, steps=0), RESOLUTION)
+    stage1 = time.perf_counter() - start
+    if not gated:
+        open_gates(erasure)
+    if gate_scope:
+        erasure.adapter.gate_scope = gate_scope
+    start = time.perf_counter()
+    if training.steps:
+        erasure = erase.fine_tune_on_model(model, clip, erasure, training, RESOLUTION)
+    stage2 = time.perf_counter() - start
+    return Erased(comfy_models.with_erasure(model, erasure, 1.0), stage1, stage2, erasure)
+
+
+def lora_export(model, erased: Erased) -> Erased:
+    """The portable LoRA of an ACE erasure, loaded as ComfyUI's LoraLoader does."""
+    import comfy.sd
+
+    files = pack_module("ace.files")
+    comfy_models = pack_module("nodes.comfy_models")
+    lora = files.lora_state_dict(erased.erasure, comfy_models.num_res_blocks(model))
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    if len(patched.patches) != len(erased.erasure.projections):
+        raise RuntimeError(f"ComfyUI mapped {len(patched.patches)} of the LoRA's layers, not all of them")
+    return Erased(patched, erased.stage1_seconds, erased.stage2_seconds, erased.erasure)
+
+
+# --- UCE -----------------------------------------------------------------------------------------
+
+def _tokens(model, clip, request):
+    comfy_models = pack_module("nodes.comfy_models")
+    tokens = pack_module("ace.tokens")
+    return tokens.collect_request(comfy_models.ClipTextEncoder(clip), request)
+
+
+def uce(model, clip, request) -> Erased:
+    """Closed form, full rank, ungated: W' = W (I + M) for every key/value projection, with M
+    solved once from all concepts' stacked tokens (UCE's sum over concepts) and the preserve set."""
+    closed_form = pack_module("ace.closed_form")
+    comfy_models = pack_module("nodes.comfy_models")
+    start = time.perf_counter()
+    projections = comfy_models.check_model(model)
+    weights = comfy_models.projection_weights(model, projections)
+    tokens = _tokens(model, clip, request)
+    C = torch.cat([c.C for c in tokens.concepts])
+    N = torch.cat([c.N for c in tokens.concepts])
+    P = tokens.P.double()
+    M = closed_form.solve_edit(C, N, P.T @ P / len(P), closed_form.ClosedFormConfig())
+    clone = model.clone()
+    for p in projections:
+        W = weights[p.name].detach().double().cpu()
+        clone.add_patches({f"diffusion_model.{p.name}.weight": ((W @ M).float(),)}, 1.0)
+    return Erased(clone, time.perf_counter() - start, 0.0)
+
+
+# --- ESD-x ---------------------------------------------------------------------------------------
+
+class WeightDeltas(torch.nn.Module):
+    """Trainable additive deltas of the key/value weights, attached the way the gated adapter is
+    (object patches on a clone, with an off switch), so stage 2's machinery trains them."""
+
+    def __init__(self, projections):
+        super().__init__()
+        self.projections = list(projections)
+        self.deltas = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.zeros(p.out_features, p.in_features)) for p in self.projections])
+        self.enabled = True
+
+    def patched_forwards(self, modules, prefix: str = "", existing: dict | None = None) -> dict:
+        existing = existing or {}
+        return {f"{prefix}{p.name}.forward": _DeltaForward(self, i, modules[p.name], existing.get(f"{prefix}{p.name}.forward"))
+                for i, p in enumerate(self.projections)}
+
+    @contextlib.contextmanager
+    def disabled(self):
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+
+class _DeltaForward:
+    def __init__(self, owner: WeightDeltas, index: int, module, inner=None):
+        self.owner, self.index, self.module, self.inner = owner, index, module, inner
+
+    def __call__(self, x, *args, **kwargs):
+        base = self.inner(x, *args, **kwargs) if self.inner else type(self.module).forward(self.module, x, *args, **kwargs)
+        if not self.owner.enabled:
+            return base
+        return base + torch.nn.functional.linear(x, self.owner.deltas[self.index].to(x))
+
+
+def esd_x(model, clip, request, steps: int = ESD_STEPS, learning_rate: float = ESD_LEARNING_RATE,
+          guidance: float = ESD_GUIDANCE, batch_size: int = 2, seed: int = 0) -> Erased:
+    """ESD-x: train the key/value weights so that the concept prompt predicts the negatively
+    guided noise of the frozen model; x_t from the frozen model's own samples of the concept."""
+    comfy_models = pack_module("nodes.comfy_models")
+    finetune = pack_module("ace.finetune")
+    start = time.perf_counter()
+    projections = comfy_models.check_model(model)
+    tokens = _tokens(model, clip, request)
+    uncond = comfy_models.ClipTextEncoder(clip).encode([""])
+    sample_sigmas, train_sigmas = comfy_models.training_sigmas(model)
+    shape = (model.model.latent_format.latent_channels, RESOLUTION // 8, RESOLUTION // 8)
+    deltas = WeightDeltas(projections)
+    generator = torch.Generator().manual_seed(seed)
+    setup = time.perf_counter() - start
+
+    start = time.perf_counter()
+    with torch.inference_mode(False), torch.enable_grad(), comfy_models.attached_for_training(model, deltas) as denoise:
+        with deltas.disabled():
+            latents = [finetune.sample_latents(denoise, c.concept_context[:2], shape, sample_sigmas, seed=seed + i)
+                       for i, c in enumerate(tokens.concepts)]
+        optimizer = torch.optim.Adam(deltas.parameters(), lr=learning_rate)
+        for step in range(steps):
+            concept = tokens.concepts[step % len(tokens.concepts)]
+            x0 = latents[step % len(tokens.concepts)]
+            pick = torch.randint(0, len(x0), (batch_size,), generator=generator)
+            prompt = torch.randint(0, len(concept.prompts), (batch_size,), generator=generator)
+            sigma = train_sigmas[torch.randint(0, len(train_sigmas), (batch_size,), generator=generator)]
+            x_t = x0[pick] + torch.randn(x0[pick].shape, generator=generator) * sigma.view(-1, 1, 1, 1)
+            context = concept.concept_context[prompt]
+            with torch.no_grad(), deltas.disabled():
+                cond = denoise(x_t, sigma, context)
+                free = denoise(x_t, sigma, uncond.expand(batch_size, -1, -1))
+                # Negative guidance, written on the denoised estimate (affine in ε at fixed x_t, σ).
+                target = free - guidance * (cond - free)
+            loss = (denoise(x_t, sigma, context) - target).square().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    stage2 = time.perf_counter() - start
+
+    clone = model.clone()
+    for p, delta in zip(projections, deltas.deltas):
+        clone.add_patches({f"diffusion_model.{p.name}.weight": (delta.detach().clone(),)}, 1.0)
+    return Erased(clone, setup, stage2, info={"final_loss": loss.item()})
+
+
+# --- one entry point ------------------------------------------------------------------------------
+
+def run_method(name: str, model, clip, request, ace_erased: Erased | None = None, quick: bool = False) -> Erased:
+    """Erase `request` from the toy MODEL with method `name` (see METHODS).
+
+    `ace_lora_export` exports `ace_erased` (the `ace` result for the same request) when given, so
+    the two share one training run; `quick` shortens every training run (for testing the harness)."""
+    steps = 8 if quick else None
+    if name == "ace":
+        return ace(model, clip, request, steps)
+    if name == "ace_stage1":
+        return ace(model, clip, request, steps=0)
+    if name == "ace_ungated":
+        return ace(model, clip, request, steps, gated=False)
+    if name == "ace_no_adv":
+        return ace(model, clip, request, steps, adversarial=False)
+    if name == "ace_token_gate":
+        return ace(model, clip, request, steps, gate_scope="token")
+    if name == "ace_lora_export":
+        return lora_export(model, ace_erased or ace(model, clip, request, steps))
+    if name == "uce":
+        return uce(model, clip, request)
+    if name == "esd_x":
+        return esd_x(model, clip, request, steps=20 if quick else ESD_STEPS)
+    raise ValueError(f"unknown method {name!r}; the benchmark has {METHODS}")

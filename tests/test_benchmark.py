@@ -1,0 +1,117 @@
+"""The benchmark harness (benchmark/run.py): its metrics, its prompt files and its quick mode.
+
+The quick run checks that the harness works end to end and that the untouched toy model passes
+its accuracy floor; it does not assert ACE's numbers (those come from the full run and are
+reported, not tested).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmark import world
+from benchmark.metrics import frechet_distance, harmonic_overall
+
+REPO = world.PROMPTS_DIR.parents[1]
+
+
+def test_harmonic_overall():
+    assert harmonic_overall(0.0, 0.0, 1.0) == pytest.approx(1.0)
+    assert harmonic_overall(1.0, 0.0, 1.0) == 0.0  # the concept is still there: nothing counts
+    assert harmonic_overall(0.0, 0.0, 0.0) == 0.0  # everything else is gone
+    assert harmonic_overall(0.5, 0.5, 0.5) == pytest.approx(0.5)
+    assert harmonic_overall(0.125, 0.125, 1.0) == pytest.approx(3 / (2 / 0.875 + 1))
+
+
+def test_frechet_distance_of_known_gaussians():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 4, generator=g)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    shift = torch.tensor([1.0, 2.0, 0.0, 0.0])
+    assert frechet_distance(a, a + shift) == pytest.approx(5.0, abs=1e-6)  # same covariance: ‖Δμ‖²
+    # N(0, I) against N(0, 4I) in 4 dimensions: tr(I + 4I − 2·2I) = 4
+    b = torch.randn(20000, 4, generator=g) * 2
+    assert frechet_distance(a, b) == pytest.approx(4.0, rel=0.05)
+
+
+def test_prompt_files_are_checked(tmp_path):
+    good = world.load_heldout()
+    assert good["request"]["circle"] == ["circle"]
+    cases = {
+        "not json": ("{", "not valid JSON"),
+        "no templates": (dict(good, templates=[]), "'templates' must be a non-empty list"),
+        "template without {x}": (dict(good, templates=["a picture"]), "each with {x}"),
+        "missing concept": (dict(good, left_out={k: v for k, v in good["left_out"].items() if k != "Brontel"}),
+                            "'left_out' has no words for Brontel"),
+        "empty words": (dict(good, request=dict(good["request"], circle=[])), "see circle"),
+    }
+    for name, (data, message) in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(data if isinstance(data, str) else json.dumps(data))
+        with pytest.raises(ValueError, match=message):
+            world.load_heldout(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        world.load_heldout(tmp_path / "missing.json")
+
+
+def test_another_prompt_file_changes_the_request_and_the_generality_prompts(comfy, tmp_path):
+    from benchmark import run
+
+    data = world.load_heldout()
+    data["request"]["circle"] = ["disc", "orb"]
+    data["left_out"]["circle"] = ["ball"]
+    data["templates"] = ["a doodle of {a} {x}"]
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(data))
+    mine = world.load_heldout(path)
+
+    request = run.make_request(["circle"], mine)
+    assert [(c.target, c.synonyms) for c in request.concepts] == [("disc", ("orb",))]
+    assert "square" in request.preserve and "disc" not in request.preserve
+    texts = [p.text for p in world.concept_prompts("object", "circle", "heldout", heldout=mine)]
+    assert texts and all(t.startswith("a doodle of") for t in texts)
+    assert {p.text.split()[-1] for p in world.concept_prompts("object", "circle", "left_out", heldout=mine)} == {"ball"}
+
+
+def test_command_refuses_a_bad_prompt_file_before_any_work(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"templates": ["{x}"]}))
+    done = subprocess.run([sys.executable, "-m", "benchmark.run", "--quick", "--prompts", str(bad), "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "error:" in done.stderr and "entity_templates" in done.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_quick_run_writes_every_result_and_the_untouched_model_passes(comfy, tmp_path):
+    from benchmark import methods, run
+
+    results = run.run(run.QUICK, tmp_path)
+
+    untouched = results["untouched"]
+    assert untouched["passes"], untouched["per_concept_acc"]
+    assert min(untouched["per_concept_acc"].values()) >= run.UNTOUCHED_FLOOR
+    assert set(untouched["per_concept_acc"]) == {name for _, name in world.all_concepts()}
+
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert set(on_disk["methods"]) == set(methods.METHODS)
+    for name, m in on_disk["methods"].items():
+        for key in ("acc_e", "acc_g", "acc_s", "h_o", "asr"):
+            assert 0.0 <= m[key] <= 1.0, (name, key, m[key])
+        assert m["fid_preserve"] >= 0 and m["stage1_s_per_concept"] > 0 and m["stage2_s_per_concept"] >= 0
+    assert on_disk["methods"]["ace_stage1"]["stage2_s_per_concept"] == 0
+    assert on_disk["methods"]["ace"]["stage2_s_per_concept"] > 0
+    # the LoRA export is the fine-tuned erasure with its gate open: not the same model as `ace`
+    assert on_disk["methods"]["ace_lora_export"]["fid_preserve"] != on_disk["methods"]["ace"]["fid_preserve"]
+    assert [(r["method"], r["n_concepts"]) for r in on_disk["scaling"]] == [("ace", 3)]
+    assert "cores" in on_disk["machine"]
+
+    report = (tmp_path / "report.md").read_text()
+    assert "| ace |" in report and "| esd_x |" in report and "Scaling" in report
+    for png in ("h_o.png", "scaling.png", "samples_circle.png"):
+        assert (tmp_path / png).stat().st_size > 1000, png
+        assert f"]({png})" in report
