@@ -79,10 +79,11 @@ def ace(model, clip, request, steps: int | None = None, adversarial: bool = True
         open_gates(erasure)
     if gate_scope:
         erasure.adapter.gate_scope = gate_scope
-    start = time.perf_counter()
+    stage2 = 0.0
     if training.steps:
+        start = time.perf_counter()
         erasure = erase.fine_tune_on_model(model, clip, erasure, training, RESOLUTION)
-    stage2 = time.perf_counter() - start
+        stage2 = time.perf_counter() - start
     return Erased(comfy_models.with_erasure(model, erasure, 1.0), stage1, stage2, erasure)
 
 
