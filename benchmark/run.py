@@ -2,7 +2,7 @@
 two baselines, and measure what is left.
 
     .venv/bin/python -m benchmark.run --quick      # ~3 min: does the harness work? (CI runs it)
-    .venv/bin/python -m benchmark.run --full       # ~25 min on a 2-core CPU: the numbers
+    .venv/bin/python -m benchmark.run --full       # ~27 min on a 2-core CPU: the numbers
     .venv/bin/python -m benchmark.run --full --prompts my_prompts.json --out /tmp/mine
 
 Writes `results.json`, `report.md` and PNGs (sample grids, H_o per method, scaling) to --out
@@ -324,7 +324,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--quick", action="store_true", help="a few minutes: checks the harness and the untouched model")
-    mode.add_argument("--full", action="store_true", help="the benchmark's numbers (about 25 minutes on 2 CPU cores)")
+    mode.add_argument("--full", action="store_true", help="the benchmark's numbers (about 27 minutes on 2 CPU cores)")
     ap.add_argument("--prompts", type=Path, default=None, help="a prompt file in the schema of benchmark/prompts/heldout.json")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default benchmark/results/<mode>)")
     ap.add_argument("--methods", nargs="+", default=None, help="a subset of the methods")
