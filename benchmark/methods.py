@@ -102,7 +102,7 @@ def lora_export(model, erased: Erased) -> Erased:
 
 # --- UCE -----------------------------------------------------------------------------------------
 
-def _tokens(model, clip, request):
+def _tokens(clip, request):
     comfy_models = pack_module("nodes.comfy_models")
     tokens = pack_module("ace.tokens")
     return tokens.collect_request(comfy_models.ClipTextEncoder(clip), request)
@@ -116,7 +116,7 @@ def uce(model, clip, request) -> Erased:
     start = time.perf_counter()
     projections = comfy_models.check_model(model)
     weights = comfy_models.projection_weights(model, projections)
-    tokens = _tokens(model, clip, request)
+    tokens = _tokens(clip, request)
     C = torch.cat([c.C for c in tokens.concepts])
     N = torch.cat([c.N for c in tokens.concepts])
     P = tokens.P.double()
@@ -174,7 +174,7 @@ def esd_x(model, clip, request, steps: int = ESD_STEPS, learning_rate: float = E
     finetune = pack_module("ace.finetune")
     start = time.perf_counter()
     projections = comfy_models.check_model(model)
-    tokens = _tokens(model, clip, request)
+    tokens = _tokens(clip, request)
     uncond = comfy_models.ClipTextEncoder(clip).encode([""])
     sample_sigmas, train_sigmas = comfy_models.training_sigmas(model)
     shape = (model.model.latent_format.latent_channels, RESOLUTION // 8, RESOLUTION // 8)

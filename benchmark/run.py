@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -64,8 +65,11 @@ FULL = Budget(targets=tuple(TARGETS), untouched_per_concept=32, per_erased=24, p
               attack_batch=8, scaling_sizes=(1, 3, 10, 18), scaling_methods=("ace", "uce", "esd_x"), quick=False)
 
 
-def log(message: str, start: list[float] = [time.perf_counter()]) -> None:
-    print(f"[{time.perf_counter() - start[0]:6.0f} s] {message}", flush=True)
+STARTED = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - STARTED:6.0f} s] {message}", flush=True)
 
 
 def concept_kinds() -> dict[str, str]:
@@ -120,8 +124,6 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    import os
-
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
             f"{gpu}, {platform.system()} {platform.release()}")
