@@ -12,9 +12,10 @@ fires on concept-like tokens and stays shut on everything else. All concepts are
 With `gate_scope = "prompt"` (text encoders that read in both directions, see
 `families.GATE_SCOPES`), every position of a prompt `[B, L, d]` uses the prompt's largest gate.
 
-The adapter is plain torch. It attaches to a network by replacing the `forward` of each
-projection module (`patched_forwards`), which is exactly what a ComfyUI object patch does, so
-weight patches such as LoRAs on the same layers keep working underneath it.
+The adapter is plain torch. Like every `ProjectionEdit` (the benchmark's ESD-x weight deltas are
+another), it attaches to a network by replacing the `forward` of each projection module
+(`patched_forwards`), which is exactly what a ComfyUI object patch does, so weight patches such as
+LoRAs on the same layers keep working underneath it.
 """
 from __future__ import annotations
 
@@ -35,7 +36,81 @@ def check_strength(strength: float) -> float:
     return float(strength)
 
 
-class GatedAdapter(torch.nn.Module):
+class ProjectionEdit(torch.nn.Module):
+    """An additive edit of the output of each cross-attention key/value projection, with an off
+    switch. Subclasses say what is added (`delta`); attaching is the same for all of them."""
+
+    def __init__(self, projections: list[Projection]):
+        super().__init__()
+        self.projections = list(projections)
+        self.enabled = True
+
+    @property
+    def active(self) -> bool:
+        return self.enabled
+
+    def delta(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """What is added to projection `index`'s output for input tokens `x` `[..., d]`."""
+        raise NotImplementedError
+
+    def patched_forwards(self, modules: dict[str, torch.nn.Module], prefix: str = "", existing: dict | None = None) -> dict:
+        """`{prefix + name + ".forward": callable}` for every projection: ComfyUI object patches.
+
+        A forward already in `existing` (another edit applied earlier in the graph) is kept
+        underneath, so edits chained one after the other add up."""
+        existing = existing or {}
+        patches = {}
+        for i, p in enumerate(self.projections):
+            key = f"{prefix}{p.name}.forward"
+            patches[key] = _PatchedForward(self, i, modules[p.name], existing.get(key))
+        return patches
+
+    @contextlib.contextmanager
+    def attached(self, unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """Attach to a plain torch UNet for the duration of the block (restored after); yields it."""
+        modules = dict(unet.named_modules())
+        missing = [p.name for p in self.projections if p.name not in modules]
+        if missing:
+            raise ValueError(f"this network has no layer {missing[0]}; the erasure is for another model")
+        patches = self.patched_forwards(modules)
+        for name, forward in patches.items():
+            setattr(modules[name.removesuffix(".forward")], "forward", forward)
+        try:
+            yield unet
+        finally:
+            for name in patches:
+                module = modules[name.removesuffix(".forward")]
+                if "forward" in module.__dict__:
+                    del module.forward
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The original network's prediction, from the same network: switch the edit off."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+
+class _PatchedForward:
+    """Replacement `forward` of one projection. A plain callable, not a Module, so that setting it
+    on the projection does not register it as a sub-module."""
+
+    def __init__(self, edit: ProjectionEdit, index: int, module: torch.nn.Module, inner=None):
+        self.edit, self.index, self.module, self.inner = edit, index, module, inner
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.inner is not None:
+            base = self.inner(x, *args, **kwargs)
+        else:
+            base = type(self.module).forward(self.module, x, *args, **kwargs)
+        if not self.edit.active:
+            return base
+        return base + self.edit.delta(self.index, x).to(base.dtype)
+
+
+class GatedAdapter(ProjectionEdit):
     def __init__(
         self,
         projections: list[Projection],
@@ -47,20 +122,22 @@ class GatedAdapter(torch.nn.Module):
         lora_up: list[torch.Tensor],  # per projection [K, d_out, r]  (B)
         gate_scope: str = "token",  # or "prompt": see families.GATE_SCOPES
     ):
-        super().__init__()
+        super().__init__(projections)
         if gate_scope not in ("token", "prompt"):
             raise ValueError(f"gate scope must be 'token' or 'prompt', got {gate_scope!r}")
         self.gate_scope = gate_scope
-        self.projections = list(projections)
         self.register_buffer("gate_basis", gate_basis.float())
         self.register_buffer("gate_center", gate_center.float())
         self.gate_threshold = torch.nn.Parameter(gate_threshold.float())
         self.gate_log_temperature = torch.nn.Parameter(gate_log_temperature.float())
         self.lora_down = torch.nn.ParameterList([torch.nn.Parameter(a.float()) for a in lora_down])
         self.lora_up = torch.nn.ParameterList([torch.nn.Parameter(b.float()) for b in lora_up])
-        self.enabled = True
         self.strength = 1.0
         self._cast_cache: dict = {}
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.strength != 0
 
     @property
     def num_slots(self) -> int:
@@ -106,65 +183,9 @@ class GatedAdapter(torch.nn.Module):
         z = einsum(x, A, "... d, k r d -> ... k r") * (g * self.strength).unsqueeze(-1)
         return einsum(z, B, "... k r, k o r -> ... o")
 
-    def patched_forwards(self, modules: dict[str, torch.nn.Module], prefix: str = "", existing: dict | None = None) -> dict:
-        """`{prefix + name + ".forward": callable}` for every projection: ComfyUI object patches.
-
-        A forward already in `existing` (another erasure applied earlier in the graph) is kept
-        underneath, so erasures chained one after the other add up."""
-        existing = existing or {}
-        patches = {}
-        for i, p in enumerate(self.projections):
-            key = f"{prefix}{p.name}.forward"
-            patches[key] = _GatedForward(self, i, modules[p.name], existing.get(key))
-        return patches
-
-    @contextlib.contextmanager
-    def attached(self, unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """Attach to a plain torch UNet for the duration of the block (restored after); yields it."""
-        modules = dict(unet.named_modules())
-        patches = self.patched_forwards(modules)
-        missing = [p.name for p in self.projections if p.name not in modules]
-        if missing:
-            raise ValueError(f"this network has no layer {missing[0]}; the erasure is for another model")
-        for name, forward in patches.items():
-            setattr(modules[name.removesuffix(".forward")], "forward", forward)
-        try:
-            yield unet
-        finally:
-            for name in patches:
-                module = modules[name.removesuffix(".forward")]
-                if "forward" in module.__dict__:
-                    del module.forward
-
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """The original network's prediction, from the same network: switch the edit off."""
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
-
 
 def gate_score(centered: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """log of the mean squared coordinate of centred embeddings `[n, d]` along `directions` `[d, k]`.
 
     The same score `GatedAdapter.gate` computes, for calibrating it."""
     return (centered @ directions).square().mean(-1).clamp_min(1e-12).log()
-
-
-class _GatedForward:
-    """Replacement `forward` of one projection. A plain callable, not a Module, so that setting it
-    on the projection does not register it as a sub-module."""
-
-    def __init__(self, adapter: GatedAdapter, index: int, module: torch.nn.Module, inner=None):
-        self.adapter, self.index, self.module, self.inner = adapter, index, module, inner
-
-    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.inner is not None:
-            base = self.inner(x, *args, **kwargs)
-        else:
-            base = type(self.module).forward(self.module, x, *args, **kwargs)
-        if not self.adapter.enabled or self.adapter.strength == 0:
-            return base
-        return base + self.adapter.delta(self.index, x).to(base.dtype)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -83,9 +83,28 @@ def truncate(W: torch.Tensor, U_S: torch.Tensor, Vt: torch.Tensor, rank: int):
     return B.float(), A.float()
 
 
-def calibrate_gate(C: torch.Tensor, N: torch.Tensor, is_phrase: torch.Tensor, P: torch.Tensor, cfg: ClosedFormConfig):
-    """A concept's gate directions, centre, threshold and log-temperature, and its margin, from
-    its aligned concept/neutral embeddings (`is_phrase` marks the concept's own tokens).
+@dataclass
+class Gate:
+    """One slot's gate: g(e) = sigmoid((s(e) − threshold) / exp(log_temperature)), with s(e) the
+    log mean squared coordinate of e − center along `directions` (`adapter.gate_score`).
+    `margin` is the concept's on-quantile score minus the preserve off-quantile score: > 0 when
+    the two sets are separable at those quantiles."""
+
+    directions: torch.Tensor  # [d, k]
+    center: torch.Tensor  # [d]
+    threshold: float
+    log_temperature: float
+    margin: float
+
+    def values(self, E: torch.Tensor) -> torch.Tensor:
+        """The gate on embeddings `[n, d]`."""
+        score = gate_score(E.double() - self.center.double(), self.directions.double())
+        return torch.sigmoid((score - self.threshold) / math.exp(self.log_temperature))
+
+
+def calibrate_gate(C: torch.Tensor, N: torch.Tensor, is_phrase: torch.Tensor, P: torch.Tensor, cfg: ClosedFormConfig) -> Gate:
+    """A concept's gate from its aligned concept/neutral embeddings (`is_phrase` marks the
+    concept's own tokens) and the preserve embeddings.
 
     The directions `u` solve Σ_D u = μ (Σ_P + εI) u, with D = C − N the aligned concept-minus-neutral
     differences, and are scaled so that uᵀ Σ_P u = 1: the score
@@ -119,7 +138,17 @@ def calibrate_gate(C: torch.Tensor, N: torch.Tensor, is_phrase: torch.Tensor, P:
         temperature = (high - low) / (2 * LOGIT_HIGH)
     else:  # not separable at these quantiles: a sharp gate at the midpoint, and say so in the margin
         temperature = 0.05
-    return directions.float(), center.float(), threshold, math.log(temperature), high - low
+    return Gate(directions.float(), center.float(), threshold, math.log(temperature), high - low)
+
+
+@dataclass
+class ClosedForm:
+    """Stage 1's result: the adapter, the concepts of each of its slots, and fit statistics."""
+
+    adapter: GatedAdapter
+    slots: list[list[int]]
+    stats: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 def closed_form_erasure(
@@ -127,13 +156,13 @@ def closed_form_erasure(
     weights: dict[str, torch.Tensor],
     projections: list[Projection],
     cfg: ClosedFormConfig = ClosedFormConfig(),
-) -> tuple[GatedAdapter, dict]:
-    """Stage 1 for every concept of a request; returns the adapter and statistics.
+) -> ClosedForm:
+    """Stage 1 for every concept of a request.
 
     Concepts whose gates fire on each other's tokens ("Van Gogh" and "Vincent van Gogh" on two
     lines) share one slot of the adapter, solved jointly on their stacked C and N: separate slots
-    would both fire on the shared tokens and apply the edit twice. `info["slots"]` lists the
-    concept indices of each slot. `weights` maps each projection's name to its weight `W` (any
+    would both fire on the shared tokens and apply the edit twice. `slots` lists the concept
+    indices of each slot. `weights` maps each projection's name to its weight `W` (any
     dtype and device; the maths runs in float64 on the CPU, the factors are stored in float32).
     """
     start = time.perf_counter()
@@ -161,29 +190,21 @@ def closed_form_erasure(
         gate = gates[slot[0]] if len(slot) == 1 else calibrate_gate(C, N, is_phrase, P, cfg)
         gate_parts.append(gate)
         stats.append(_fit_stats(C, N, Ws, [u[-1] for u in ups], [a[-1] for a in downs], P))
-        stats[-1].update(concepts=[tokens.concepts[i].concept.target for i in slot], gate_margin=gate[4])
+        stats[-1].update(concepts=[tokens.concepts[i].concept.target for i in slot], gate_margin=gate.margin)
 
     adapter = GatedAdapter(
         projections,
-        gate_basis=torch.stack([g[0] for g in gate_parts]),
-        gate_center=torch.stack([g[1] for g in gate_parts]),
-        gate_threshold=torch.tensor([g[2] for g in gate_parts]),
-        gate_log_temperature=torch.tensor([g[3] for g in gate_parts]),
+        gate_basis=torch.stack([g.directions for g in gate_parts]),
+        gate_center=torch.stack([g.center for g in gate_parts]),
+        gate_threshold=torch.tensor([g.threshold for g in gate_parts]),
+        gate_log_temperature=torch.tensor([g.log_temperature for g in gate_parts]),
         lora_down=[torch.stack(a) for a in downs],
         lora_up=[torch.stack(b) for b in ups],
     )
-    seconds = time.perf_counter() - start
-    return adapter, {"slots": slots, "concepts": stats, "stage1_seconds": seconds}
+    return ClosedForm(adapter, slots, stats, time.perf_counter() - start)
 
 
-def gate_values(gate, E: torch.Tensor) -> torch.Tensor:
-    """The gate `(directions, centre, threshold, log-temperature, …)` on embeddings `[n, d]`."""
-    directions, center, threshold, log_t = gate[:4]
-    score = gate_score(E.double() - center.double(), directions.double())
-    return torch.sigmoid((score - threshold) / math.exp(log_t))
-
-
-def overlapping_groups(concepts: list[ConceptTokens], gates: list) -> list[list[int]]:
+def overlapping_groups(concepts: list[ConceptTokens], gates: list[Gate]) -> list[list[int]]:
     """Concepts linked when each one's gate is open (mean > 0.6) on the other's own tokens.
 
     Measured on the toy encoder (384 wide): "van gogh" / "vincent van gogh" score 0.95 and 0.74;
@@ -196,7 +217,7 @@ def overlapping_groups(concepts: list[ConceptTokens], gates: list) -> list[list[
             i = parent[i]
         return i
 
-    opens = [[gate_values(gate, c.C[c.is_phrase]).mean().item() for c in concepts] for gate in gates]
+    opens = [[gate.values(c.C[c.is_phrase]).mean().item() for c in concepts] for gate in gates]
     for i in range(len(concepts)):
         for j in range(i + 1, len(concepts)):
             if min(opens[i][j], opens[j][i]) > 0.6:

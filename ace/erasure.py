@@ -4,28 +4,41 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager
-
-import torch
+from typing import Callable
 
 from .adapter import GatedAdapter
 from .closed_form import ClosedFormConfig, closed_form_erasure
 from .concepts import ConceptRequest
 from .families import GATE_SCOPES, Projection, check_family
-from .finetune import Denoiser, FinetuneConfig, StepReport, finetune, sample_latents
-from .tokens import RequestTokens, TextEncoder, collect_request
+from .finetune import FinetuneConfig, StepReport, finetune, sample_latents
+from .network import Network
+from .tokens import collect_request
 
 
 @dataclass
 class Erasure:
+    """What an erasure is: the adapter, the request it erases, and the model it fits.
+
+    `slots[k]` lists the indices of the request's concepts that share slot k of the adapter.
+    `num_res_blocks` is the UNet layout of the model it was made from (residual blocks per level),
+    which names its layers in an exported LoRA. `info` holds what happened when it was made
+    (timings, fit statistics, the training history): a record, never read back to compute."""
+
     family: str
     request: ConceptRequest
     adapter: GatedAdapter
+    slots: list[list[int]]
+    num_res_blocks: int
     info: dict = field(default_factory=dict)
 
     @property
     def projections(self) -> list[Projection]:
         return self.adapter.projections
+
+    def slot_names(self) -> list[str]:
+        """Each slot's concepts, joined: 'Van Gogh + Vincent van Gogh'."""
+        targets = [c.target for c in self.request.concepts]
+        return [" + ".join(targets[i] for i in slot) for slot in self.slots]
 
     def check_fits(self, family: str, projections: list[Projection]) -> None:
         """Raise ValueError unless this erasure was made for a model of this family and shape."""
@@ -46,72 +59,47 @@ class Erasure:
 
 
 def erase(
-    encoder: TextEncoder,
-    family: str,
-    projections: list[Projection],
-    weights: dict[str, torch.Tensor],
+    network: Network,
     request: ConceptRequest,
     closed_form: ClosedFormConfig = ClosedFormConfig(),
     training: FinetuneConfig = FinetuneConfig(),
-    attach: Callable[[GatedAdapter], ContextManager[Denoiser]] | None = None,
-    latent_shape: tuple[int, ...] | None = None,
-    sample_sigmas: torch.Tensor | None = None,
-    train_sigmas: torch.Tensor | None = None,
-    images_per_concept: int = 2,
-    device: torch.device | str = "cpu",
     callback: Callable[[StepReport], bool | None] | None = None,
 ) -> Erasure:
     """Stage 0 (token collection), stage 1 (closed form) and, when `training.steps > 0`,
-    stage 2 (fine-tuning). Stage 2 needs `attach(adapter)`, a context manager yielding the
-    denoiser `D(x_t, σ, context)` with the adapter attached (for a plain network,
-    `adapter.attached(unet)`; in ComfyUI, a patched clone of the model), the latent shape and
-    the noise levels to sample the concept's examples with (descending, ending at 0) and to
-    train at."""
-    check_family(family, projections)
-    tokens = collect_request(encoder, request)
-    adapter, info = closed_form_erasure(tokens, weights, projections, closed_form)
-    adapter.gate_scope = GATE_SCOPES[family]
-    info["stage2_seconds"] = 0.0
-    info["closed_form"] = closed_form.__dict__
-    erasure = Erasure(family, request, adapter, info)
+    stage 2 (fine-tuning) of `request` on `network`."""
+    check_family(network.family, network.projections)
+    tokens = collect_request(network.encoder, request)
+    stage1 = closed_form_erasure(tokens, network.weights, network.projections, closed_form)
+    stage1.adapter.gate_scope = GATE_SCOPES[network.family]
+    info = {"stage1_seconds": stage1.seconds, "stage2_seconds": 0.0, "concepts": stage1.stats,
+            "closed_form": closed_form.__dict__}
+    erasure = Erasure(network.family, request, stage1.adapter, stage1.slots, network.num_res_blocks, info)
     if training.steps > 0:
-        if attach is None or latent_shape is None or sample_sigmas is None or train_sigmas is None:
-            raise ValueError("fine-tuning needs the network (attach), the latent shape and the noise levels")
-        erasure = fine_tune(erasure, tokens, attach, latent_shape, sample_sigmas, train_sigmas, training,
-                            images_per_concept, device, callback)
+        erasure = fine_tune(erasure, network, training, callback)
     return erasure
 
 
 def fine_tune(
     erasure: Erasure,
-    tokens: RequestTokens,
-    attach: Callable[[GatedAdapter], ContextManager[Denoiser]],
-    latent_shape: tuple[int, ...],
-    sample_sigmas: torch.Tensor,
-    train_sigmas: torch.Tensor,
+    network: Network,
     training: FinetuneConfig = FinetuneConfig(),
-    images_per_concept: int = 2,
-    device: torch.device | str = "cpu",
     callback: Callable[[StepReport], bool | None] | None = None,
 ) -> Erasure:
     """Stage 2 on a copy of the erasure's adapter (the given erasure is not changed): sample a few
     examples of each concept with the edit off, then `finetune` on them."""
+    erasure.check_fits(network.family, network.projections)
+    tokens = collect_request(network.encoder, erasure.request)
     adapter = copy.deepcopy(erasure.adapter)
-    adapter.to(device)
-    with attach(adapter) as denoise:
+    adapter.to(network.device)
+    with network.attach(adapter) as denoise:
         with adapter.disabled():
             latents = [
-                sample_latents(
-                    denoise,
-                    c.concept_context[:images_per_concept].to(device),
-                    latent_shape,
-                    sample_sigmas,
-                    seed=training.seed + i,
-                )
+                sample_latents(denoise, c.concept_context[:training.images_per_concept].to(network.device),
+                               network.latent_shape, network.sample_sigmas, seed=training.seed + i)
                 for i, c in enumerate(tokens.concepts)
             ]
-        result = finetune(adapter, denoise, tokens, latents, train_sigmas, training, callback)
+        result = finetune(adapter, denoise, tokens, latents, network.train_sigmas, training, callback)
     adapter.to("cpu")
     info = dict(erasure.info, stage2_seconds=result.seconds, history=result.history,
                 stopped_early=result.stopped_early, training=training.__dict__)
-    return Erasure(erasure.family, erasure.request, adapter, info)
+    return Erasure(erasure.family, erasure.request, adapter, erasure.slots, erasure.num_res_blocks, info)

@@ -15,17 +15,19 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "sd1": "Stable Diffusion 1.x (CLIP-L, 768-wide context)",
     "sd2": "Stable Diffusion 2.x (OpenCLIP-H, 1024-wide context)",
     "sdxl": "Stable Diffusion XL (CLIP-L + CLIP-G, 2048-wide context)",
-    "ace-toy": "the ACE benchmark's toy model (MiniLM, 384-wide context)",
+    "ace-toy-causal": "ACE's toy model (MiniLM read left to right, 384-wide context)",
+    "ace-toy": "ACE's bidirectional toy model (MiniLM, 384-wide context)",
 }
-CONTEXT_WIDTHS: dict[str, int] = {"sd1": 768, "sd2": 1024, "sdxl": 2048, "ace-toy": 384}
+CONTEXT_WIDTHS: dict[str, int] = {"sd1": 768, "sd2": 1024, "sdxl": 2048, "ace-toy-causal": 384, "ace-toy": 384}
 
 # Where a concept lives in the context, which sets how far its gate reaches. CLIP's text encoders
 # (SD1.x, SD2.x, SDXL) are causal: a token carries only the words up to it, so the concept is in
-# its own tokens and those after, and the gate decides token by token. The toy model's MiniLM is
-# bidirectional: every token of a prompt carries the concept, so a gate that opens on any token
-# opens for the whole prompt (on the toy benchmark this lowered the erased concept's accuracy
-# with specificity unchanged: see benchmark/README.md, `ace` against `ace_token_gate`).
-GATE_SCOPES: dict[str, str] = {"sd1": "token", "sd2": "token", "sdxl": "token", "ace-toy": "prompt"}
+# its own tokens and those after, and the gate decides token by token; so does the causal toy.
+# The bidirectional toy's MiniLM reads both ways: every token of a prompt carries the concept, so
+# a gate that opens on any token opens for the whole prompt (on the toy benchmark this lowered the
+# erased concept's accuracy with specificity unchanged: see benchmark/README.md).
+GATE_SCOPES: dict[str, str] = {"sd1": "token", "sd2": "token", "sdxl": "token", "ace-toy-causal": "token",
+                               "ace-toy": "prompt"}
 
 PROJECTION_SUFFIXES = ("attn2.to_k", "attn2.to_v")
 

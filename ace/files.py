@@ -20,7 +20,8 @@ from .erasure import Erasure
 from .families import GATE_SCOPES, Projection
 
 FORMAT = "ace-erasure"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: slots and num_res_blocks in the metadata (version 1 kept them in "info")
+READABLE_VERSIONS = (1, 2)
 
 
 class ErasureFileError(ValueError):
@@ -65,10 +66,12 @@ def save_erasure(erasure: Erasure, path: str) -> None:
         "family": erasure.family,
         "projections": json.dumps([[p.name, p.in_features, p.out_features] for p in a.projections]),
         "request": json.dumps(erasure.request.to_json()),
+        "slots": json.dumps(erasure.slots),
+        "num_res_blocks": str(erasure.num_res_blocks),
         "num_slots": str(a.num_slots),
         "rank": str(a.rank),
         "gate_rank": str(a.gate_basis.shape[-1]),
-        "info": json.dumps(info, default=str),  # holds "slots": the concepts of each slot
+        "info": json.dumps(info, default=str),
     }
     save_file(tensors, path, metadata=metadata)
 
@@ -96,16 +99,19 @@ def load_erasure(path: str) -> Erasure:
         version = int(metadata.get("format_version", "0"))
     except ValueError:
         version = -1
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ErasureFileError(
             f"'{name}' uses erasure format version {metadata.get('format_version')}; this version of "
-            f"the pack reads version {FORMAT_VERSION}. Update the pack or re-create the erasure."
+            f"the pack reads versions {', '.join(map(str, READABLE_VERSIONS))}. Update the pack or re-create the erasure."
         )
     try:
         projections = [Projection(n, int(i), int(o)) for n, i, o in json.loads(metadata["projections"])]
         request = ConceptRequest.from_json(json.loads(metadata["request"]))
         info = json.loads(metadata.get("info", "{}"))
         family = metadata["family"]
+        layout = metadata if version >= 2 else info  # version 1 kept these two in its "info"
+        slots = json.loads(layout["slots"]) if version >= 2 else layout["slots"]
+        num_res_blocks = int(layout["num_res_blocks"])
     except (KeyError, ValueError, TypeError) as e:
         raise ErasureFileError(f"'{name}' has broken metadata ({e}); re-create the erasure.") from None
 
@@ -120,7 +126,6 @@ def load_erasure(path: str) -> Erasure:
         return t
 
     K, r, kg = int(metadata["num_slots"]), int(metadata["rank"]), int(metadata["gate_rank"])
-    slots = info.get("slots", [])
     if K != len(slots) or sorted(i for s in slots for i in s) != list(range(len(request.concepts))) or not projections:
         raise ErasureFileError(f"'{name}' has inconsistent metadata; re-create the erasure.")
     d = projections[0].in_features
@@ -136,7 +141,7 @@ def load_erasure(path: str) -> Erasure:
     )
     if tensors:
         raise ErasureFileError(f"'{name}' has unexpected tensors ({sorted(tensors)[0]}, ...); it is not an erasure this pack wrote.")
-    return Erasure(family, request, adapter, info)
+    return Erasure(family, request, adapter, slots, num_res_blocks, info)
 
 
 def diffusers_name(ldm_name: str, num_res_blocks: int) -> str:
@@ -153,7 +158,7 @@ def diffusers_name(ldm_name: str, num_res_blocks: int) -> str:
     raise ValueError(f"no diffusers name for UNet layer '{ldm_name}'")
 
 
-def lora_state_dict(erasure: Erasure, num_res_blocks: int, strength: float = 1.0) -> dict[str, torch.Tensor]:
+def lora_state_dict(erasure: Erasure, strength: float = 1.0) -> dict[str, torch.Tensor]:
     """The portable LoRA: Σ_c B_c A_c with every gate open, in the kohya key layout that ComfyUI's
     LoraLoader, A1111 and diffusers load (diffusers module names for SD1.x/SD2.x, the original
     LDM names for SDXL and the toy model, as their trainers write them)."""
@@ -161,7 +166,7 @@ def lora_state_dict(erasure: Erasure, num_res_blocks: int, strength: float = 1.0
     a = erasure.adapter
     out = {}
     for p, down, up in zip(a.projections, a.lora_down, a.lora_up):
-        module = diffusers_name(p.name, num_res_blocks) if erasure.family in ("sd1", "sd2") else p.name
+        module = diffusers_name(p.name, erasure.num_res_blocks) if erasure.family in ("sd1", "sd2") else p.name
         key = "lora_unet_" + module.replace(".", "_")
         down = down.detach().float().cpu().flatten(0, 1)  # [K r, d]
         up = up.detach().float().cpu().permute(1, 0, 2).flatten(1) * strength  # [o, K r]
@@ -171,10 +176,10 @@ def lora_state_dict(erasure: Erasure, num_res_blocks: int, strength: float = 1.0
     return out
 
 
-def export_lora(erasure: Erasure, path: str, num_res_blocks: int, strength: float = 1.0) -> None:
+def export_lora(erasure: Erasure, path: str, strength: float = 1.0) -> None:
     concepts = ", ".join(c.target for c in erasure.request.concepts)
     save_file(
-        lora_state_dict(erasure, num_res_blocks, strength),
+        lora_state_dict(erasure, strength),
         path,
         metadata={"ss_network_module": "networks.lora", "ace_family": erasure.family, "ace_concepts": concepts},
     )

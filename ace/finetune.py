@@ -24,9 +24,8 @@ from typing import Callable
 import torch
 
 from .adapter import GatedAdapter
+from .network import Denoiser
 from .tokens import RequestTokens
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -38,6 +37,7 @@ class FinetuneConfig:
     attack_radius: float = 0.1  # ρ, relative to each token embedding's norm
     attack_steps: int = 2
     batch_size: int = 2
+    images_per_concept: int = 2  # examples of each concept the original model draws to train on
     seed: int = 0
 
     def __post_init__(self):
@@ -47,6 +47,8 @@ class FinetuneConfig:
             raise ValueError(f"attack steps must be an integer from 0 to 100, got {self.attack_steps!r}")
         if not (isinstance(self.batch_size, int) and 1 <= self.batch_size <= 64):
             raise ValueError(f"batch size must be an integer from 1 to 64, got {self.batch_size!r}")
+        if not (isinstance(self.images_per_concept, int) and 1 <= self.images_per_concept <= 64):
+            raise ValueError(f"images per concept must be an integer from 1 to 64, got {self.images_per_concept!r}")
         for name in ("learning_rate", "adversarial_weight", "preserve_weight", "attack_radius"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):

@@ -23,15 +23,12 @@ comparison differs only in the method.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from benchmark.pack import pack_module
-
-RESOLUTION = 128  # the toy's 16x16 pixel grid, in ComfyUI's pixel units (latent side × 8)
+from runner import host
 
 ACE_TRAINING = {"steps": 40}  # FinetuneConfig fields the benchmark sets (the node's defaults otherwise)
 ESD_STEPS = 100  # about ACE's stage-2 time: an ESD step is one backward pass, an ACE step four
@@ -53,8 +50,7 @@ class Erased:
 # --- ACE and its ablations -----------------------------------------------------------------------
 
 def _finetune_config(**overrides):
-    FinetuneConfig = pack_module("ace.finetune").FinetuneConfig
-    return FinetuneConfig(**{**ACE_TRAINING, **overrides})
+    return host.start().ace.finetune.FinetuneConfig(**{**ACE_TRAINING, **overrides})
 
 
 def open_gates(erasure) -> None:
@@ -65,15 +61,14 @@ def open_gates(erasure) -> None:
 
 def ace(model, clip, request, steps: int | None = None, adversarial: bool = True, gated: bool = True,
         gate_scope: str | None = None) -> Erased:
-    erase = pack_module("nodes.erase")
-    comfy_models = pack_module("nodes.comfy_models")
-    ClosedFormConfig = pack_module("ace.closed_form").ClosedFormConfig
+    pack = host.start()
+    erase, comfy_models = pack.nodes.erase, pack.nodes.comfy_models
     training = _finetune_config(**({} if steps is None else {"steps": steps}))
     if not adversarial:
         training = replace(training, adversarial_weight=0.0)
 
     start = time.perf_counter()
-    erasure = erase.erase_from_model(model, clip, request, ClosedFormConfig(), replace(training, steps=0), RESOLUTION)
+    erasure = erase.erase_from_model(model, clip, request, pack.ace.closed_form.ClosedFormConfig(), replace(training, steps=0))
     stage1 = time.perf_counter() - start
     if not gated:
         open_gates(erasure)
@@ -82,7 +77,7 @@ def ace(model, clip, request, steps: int | None = None, adversarial: bool = True
     stage2 = 0.0
     if training.steps:
         start = time.perf_counter()
-        erasure = erase.fine_tune_on_model(model, clip, erasure, training, RESOLUTION)
+        erasure = erase.fine_tune_on_model(model, clip, erasure, training)
         stage2 = time.perf_counter() - start
     return Erased(comfy_models.with_erasure(model, erasure, 1.0), stage1, stage2, erasure)
 
@@ -91,9 +86,7 @@ def lora_export(model, erased: Erased) -> Erased:
     """The portable LoRA of an ACE erasure, loaded as ComfyUI's LoraLoader does."""
     import comfy.sd
 
-    files = pack_module("ace.files")
-    comfy_models = pack_module("nodes.comfy_models")
-    lora = files.lora_state_dict(erased.erasure, comfy_models.num_res_blocks(model))
+    lora = host.start().ace.files.lora_state_dict(erased.erasure)
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
     if len(patched.patches) != len(erased.erasure.projections):
         raise RuntimeError(f"ComfyUI mapped {len(patched.patches)} of the LoRA's layers, not all of them")
@@ -102,21 +95,20 @@ def lora_export(model, erased: Erased) -> Erased:
 
 # --- UCE -----------------------------------------------------------------------------------------
 
-def _tokens(clip, request):
-    comfy_models = pack_module("nodes.comfy_models")
-    tokens = pack_module("ace.tokens")
-    return tokens.collect_request(comfy_models.ClipTextEncoder(clip), request)
+def _tokens(model, clip, request):
+    pack = host.start()
+    return pack.ace.tokens.collect_request(pack.nodes.comfy_models.text_encoder(model, clip), request)
 
 
 def uce(model, clip, request) -> Erased:
     """Closed form, full rank, ungated: W' = W (I + M) for every key/value projection, with M
     solved once from all concepts' stacked tokens (UCE's sum over concepts) and the preserve set."""
-    closed_form = pack_module("ace.closed_form")
-    comfy_models = pack_module("nodes.comfy_models")
+    pack = host.start()
+    closed_form, comfy_models = pack.ace.closed_form, pack.nodes.comfy_models
     start = time.perf_counter()
     projections = comfy_models.check_model(model)
     weights = comfy_models.projection_weights(model, projections)
-    tokens = _tokens(clip, request)
+    tokens = _tokens(model, clip, request)
     C = torch.cat([c.C for c in tokens.concepts])
     N = torch.cat([c.N for c in tokens.concepts])
     P = tokens.P.double()
@@ -130,62 +122,41 @@ def uce(model, clip, request) -> Erased:
 
 # --- ESD-x ---------------------------------------------------------------------------------------
 
-class WeightDeltas(torch.nn.Module):
-    """Trainable additive deltas of the key/value weights, attached the way the gated adapter is
-    (object patches on a clone, with an off switch), so stage 2's machinery trains them."""
+def weight_deltas(projections):
+    """Trainable additive deltas of the key/value weights, attached as the gated adapter is (a
+    `ProjectionEdit`: object patches on a clone, with an off switch), so stage 2's machinery trains them."""
 
-    def __init__(self, projections):
-        super().__init__()
-        self.projections = list(projections)
-        self.deltas = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.zeros(p.out_features, p.in_features)) for p in self.projections])
-        self.enabled = True
+    class WeightDeltas(host.start().ace.adapter.ProjectionEdit):
+        def __init__(self):
+            super().__init__(projections)
+            self.deltas = torch.nn.ParameterList(
+                [torch.nn.Parameter(torch.zeros(p.out_features, p.in_features)) for p in projections])
 
-    def patched_forwards(self, modules, prefix: str = "", existing: dict | None = None) -> dict:
-        existing = existing or {}
-        return {f"{prefix}{p.name}.forward": _DeltaForward(self, i, modules[p.name], existing.get(f"{prefix}{p.name}.forward"))
-                for i, p in enumerate(self.projections)}
+        def delta(self, index, x):
+            return torch.nn.functional.linear(x, self.deltas[index].to(x))
 
-    @contextlib.contextmanager
-    def disabled(self):
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
-
-
-class _DeltaForward:
-    def __init__(self, owner: WeightDeltas, index: int, module, inner=None):
-        self.owner, self.index, self.module, self.inner = owner, index, module, inner
-
-    def __call__(self, x, *args, **kwargs):
-        base = self.inner(x, *args, **kwargs) if self.inner else type(self.module).forward(self.module, x, *args, **kwargs)
-        if not self.owner.enabled:
-            return base
-        return base + torch.nn.functional.linear(x, self.owner.deltas[self.index].to(x))
+    return WeightDeltas()
 
 
 def esd_x(model, clip, request, steps: int = ESD_STEPS, learning_rate: float = ESD_LEARNING_RATE,
           guidance: float = ESD_GUIDANCE, batch_size: int = 2, seed: int = 0) -> Erased:
     """ESD-x: train the key/value weights so that the concept prompt predicts the negatively
     guided noise of the frozen model; x_t from the frozen model's own samples of the concept."""
-    comfy_models = pack_module("nodes.comfy_models")
-    finetune = pack_module("ace.finetune")
+    pack = host.start()
+    comfy_models, finetune = pack.nodes.comfy_models, pack.ace.finetune
     start = time.perf_counter()
-    projections = comfy_models.check_model(model)
-    tokens = _tokens(clip, request)
-    uncond = comfy_models.ClipTextEncoder(clip).encode([""])
-    sample_sigmas, train_sigmas = comfy_models.training_sigmas(model)
-    shape = (model.model.latent_format.latent_channels, RESOLUTION // 8, RESOLUTION // 8)
-    deltas = WeightDeltas(projections)
+    network = comfy_models.network_of(model, clip)
+    tokens = _tokens(model, clip, request)
+    uncond = network.encoder.encode([""])
+    deltas = weight_deltas(network.projections)
     generator = torch.Generator().manual_seed(seed)
     setup = time.perf_counter() - start
 
     start = time.perf_counter()
-    with torch.inference_mode(False), torch.enable_grad(), comfy_models.attached_for_training(model, deltas) as denoise:
+    with torch.inference_mode(False), torch.enable_grad(), network.attach(deltas) as denoise:
         with deltas.disabled():
-            latents = [finetune.sample_latents(denoise, c.concept_context[:2], shape, sample_sigmas, seed=seed + i)
+            latents = [finetune.sample_latents(denoise, c.concept_context[:2], network.latent_shape,
+                                               network.sample_sigmas, seed=seed + i)
                        for i, c in enumerate(tokens.concepts)]
         optimizer = torch.optim.Adam(deltas.parameters(), lr=learning_rate)
         for step in range(steps):
@@ -193,7 +164,7 @@ def esd_x(model, clip, request, steps: int = ESD_STEPS, learning_rate: float = E
             x0 = latents[step % len(tokens.concepts)]
             pick = torch.randint(0, len(x0), (batch_size,), generator=generator)
             prompt = torch.randint(0, len(concept.prompts), (batch_size,), generator=generator)
-            sigma = train_sigmas[torch.randint(0, len(train_sigmas), (batch_size,), generator=generator)]
+            sigma = network.train_sigmas[torch.randint(0, len(network.train_sigmas), (batch_size,), generator=generator)]
             x_t = x0[pick] + torch.randn(x0[pick].shape, generator=generator) * sigma.view(-1, 1, 1, 1)
             context = concept.concept_context[prompt]
             with torch.no_grad(), deltas.disabled():
@@ -208,7 +179,7 @@ def esd_x(model, clip, request, steps: int = ESD_STEPS, learning_rate: float = E
     stage2 = time.perf_counter() - start
 
     clone = model.clone()
-    for p, delta in zip(projections, deltas.deltas):
+    for p, delta in zip(network.projections, deltas.deltas):
         clone.add_patches({f"diffusion_model.{p.name}.weight": (delta.detach().clone(),)}, 1.0)
     return Erased(clone, setup, stage2, info={"final_loss": loss.item()})
 

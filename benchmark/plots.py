@@ -1,10 +1,9 @@
-"""The report's pictures, drawn with PIL (no plotting library needed): labelled sample grids, a bar
-chart and a line chart."""
+"""The report's charts, drawn with PIL (no plotting library needed): a bar chart and a line chart.
+(Its sample grids are `runner.pictures.grid`.)"""
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
 
 BACKGROUND = (255, 255, 255)
@@ -12,30 +11,6 @@ INK = (30, 30, 30)
 GRID = (215, 215, 215)
 PALETTE = [(52, 101, 164), (204, 0, 0), (78, 154, 6), (245, 121, 0), (117, 80, 123), (193, 125, 17), (85, 87, 83),
            (32, 74, 135)]
-
-
-def _tile(image: torch.Tensor, scale: int) -> Image.Image:
-    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    tile = Image.fromarray(array)
-    return tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)
-
-
-def sample_grid(rows: list[tuple[str, list[torch.Tensor]]], columns: list[str], path: Path, scale: int = 4) -> None:
-    """rows: (label, one (3, H, W) image per column); nearest-neighbour enlarged, labelled."""
-    h, w = rows[0][1][0].shape[-2:]
-    cell_w, cell_h = max(w * scale + 8, 84), h * scale + 8
-    label_w, head_h = 230, 24
-    canvas = Image.new("RGB", (label_w + cell_w * len(columns), head_h + cell_h * len(rows)), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    for j, name in enumerate(columns):
-        draw.text((label_w + j * cell_w + 4, 6), name, fill=INK)
-    for i, (label, images) in enumerate(rows):
-        y = head_h + i * cell_h
-        draw.text((4, y + cell_h // 2 - 6), label, fill=INK)
-        for j, image in enumerate(images):
-            canvas.paste(_tile(image, scale), (label_w + j * cell_w + 4, y + 4))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
 
 
 def _frame(draw, box, y_range, y_label: str, title: str):

@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from benchmark import world
+from benchmark.prompts import load_prompt_file, split_prompts
+from runner import host
+from toy import world
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -79,9 +79,7 @@ def concept_kinds() -> dict[str, str]:
 def make_request(erased: list[str], heldout: dict):
     """Erase each concept under its request words (the first is the target, the rest synonyms),
     anchor "", and keep every other concept of the world by name."""
-    from benchmark.pack import pack_module
-
-    concepts = pack_module("ace.concepts")
+    concepts = host.start().ace.concepts
     keep = [heldout["request"][name][0] for name in concept_kinds() if name not in erased]
     items = [concepts.Concept(heldout["request"][n][0], tuple(heldout["request"][n][1:]), "") for n in erased]
     return concepts.make_request(items, keep)
@@ -95,11 +93,11 @@ def measure(model, clip, classifier, erased: list[str], budget: Budget, heldout:
     kinds = concept_kinds()
     targets = [(kinds[n], n) for n in erased]
     direct = evaluate_concepts(model, clip, classifier, targets, split="request", per_concept=budget.per_erased,
-                               heldout=heldout)
+                               prompt_file=heldout)
     general = [evaluate_concepts(model, clip, classifier, targets, split=s, per_concept=budget.per_erased,
-                                 heldout=heldout) for s in ("left_out", "heldout")]
-    others = evaluate_concepts(model, clip, classifier, split="train", per_concept=budget.per_other, heldout=heldout,
-                               keep_images=True)
+                                 prompt_file=heldout) for s in ("left_out", "heldout")]
+    others = evaluate_concepts(model, clip, classifier, split="train", per_concept=budget.per_other,
+                               prompt_file=heldout, keep_images=True)
     kept = [n for n in others if n not in erased]
     acc_e = sum(direct[n]["accuracy"] for n in erased) / len(erased)
     acc_g = sum(g[n]["accuracy"] for g in general for n in erased) / (2 * len(erased))
@@ -115,62 +113,51 @@ def measure(model, clip, classifier, erased: list[str], budget: Budget, heldout:
     }
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
-            f"{gpu}, {platform.system()} {platform.release()}")
-
-
 def sample_rows(target: str, heldout: dict) -> list[tuple[str, str]]:
     """(label, prompt) rows of a before/after grid for one erased target."""
     kinds = concept_kinds()
     kind = kinds[target]
-    direct = world.concept_prompts(kind, target, "request", heldout=heldout)
-    left_out = world.concept_prompts(kind, target, "left_out", heldout=heldout)
-    unseen = world.concept_prompts(kind, target, "heldout", heldout=heldout)
+    direct = split_prompts(kind, target, "request", heldout)
+    left_out = split_prompts(kind, target, "left_out", heldout)
+    unseen = split_prompts(kind, target, "heldout", heldout)
     rows = [("erased", direct[0].text), ("erased", direct[len(direct) // 2].text),
             ("left-out synonym", left_out[0].text), ("held-out template", unseen[-1].text)]
     for name in SCALING_ORDER:  # four other concepts, each from a prompt that does not ask for the target
-        prompts = world.concept_prompts(kinds[name], name, "train", heldout=heldout)
+        prompts = world.concept_prompts(kinds[name], name)
         clean = [p for p in prompts if target not in (p.object, p.colour, p.style, p.entity)]
         if name != target and clean and len(rows) < 8:
             rows.append((f"other ({name})", clean[len(clean) // 3].text))
     return rows
 
 
-def run(budget: Budget, out: Path, heldout_path: Path | None = None, methods: tuple | None = None) -> dict:
+def run(budget: Budget, out: Path, heldout_path: Path | None = None, methods: tuple | None = None,
+        toy_name: str = "bidirectional") -> dict:
     from benchmark import attack, methods as erasers, plots
-    from benchmark.classifier import load_classifier
     from benchmark.evaluate import evaluate_concepts
-    from benchmark.toy_comfy import DEFAULT_SAMPLER, generate, load_toy_model
+    from runner.pictures import Row, grid
+    from toy.classifier import load_classifier
 
-    heldout = world.load_heldout(heldout_path)
+    toy = host.start().toy.model
+    heldout = load_prompt_file(heldout_path)
     methods = methods or erasers.METHODS
     out.mkdir(parents=True, exist_ok=True)
-    model, clip, _ = load_toy_model()
+    model, clip, _ = toy.load_toy_model(toy_name)
+    generate = toy.generate
     classifier = load_classifier()
-    log(f"toy model loaded; machine: {machine()}")
+    log(f"{toy_name} toy model loaded; machine: {host.machine()}")
 
     # 1. The untouched model must render every concept, or no erasure number means anything.
     untouched = evaluate_concepts(model, clip, classifier, split="train", per_concept=budget.untouched_per_concept,
-                                  heldout=heldout)
+                                  prompt_file=heldout)
     untouched_acc = {n: r["accuracy"] for n, r in untouched.items()}
     failing = {n: a for n, a in untouched_acc.items() if a < UNTOUCHED_FLOOR}
     log(f"untouched model: lowest accuracy {min(untouched_acc.values()):.3f} ({min(untouched_acc, key=untouched_acc.get)})")
-    reference = evaluate_concepts(model, clip, classifier, split="train", per_concept=budget.per_other, heldout=heldout,
-                                  keep_images=True)
+    reference = evaluate_concepts(model, clip, classifier, split="train", per_concept=budget.per_other,
+                                  prompt_file=heldout, keep_images=True)
     untouched_generality = {}
     for kind, name in budget.targets:
         untouched_generality[name] = {s: evaluate_concepts(model, clip, classifier, [(kind, name)], split=s,
-                                                           per_concept=budget.per_erased, heldout=heldout)[name]["accuracy"]
+                                                           per_concept=budget.per_erased, prompt_file=heldout)[name]["accuracy"]
                                       for s in ("request", "left_out", "heldout")}
 
     # 2. Every method on every target, one target at a time.
@@ -188,7 +175,7 @@ def run(budget: Budget, out: Path, heldout_path: Path | None = None, methods: tu
                 ace_result = erased
             scores = measure(erased.model, clip, classifier, [name], budget, heldout, reference)
             word = heldout["request"][name][0]
-            hit = attack.soft_prompt_attack(erased.model, clip, classifier, kind, name, word, heldout=heldout,
+            hit = attack.soft_prompt_attack(erased.model, clip, classifier, kind, name, word, heldout,
                                             steps=budget.attack_steps, batch=budget.attack_batch)
             scores.update(attack_accuracy=hit["accuracy"], brought_back=hit["brought_back"],
                           stage1_seconds=erased.stage1_seconds, stage2_seconds=erased.stage2_seconds)
@@ -199,8 +186,8 @@ def run(budget: Budget, out: Path, heldout_path: Path | None = None, methods: tu
                 f"Acc_s {scores['acc_s']:.2f}  H_o {scores['h_o']:.2f}  attack {hit['accuracy']:.2f}  "
                 f"FID {scores['fid_preserve']:.2f}  stage 1 {erased.stage1_seconds:.1f} s  stage 2 {erased.stage2_seconds:.1f} s")
         columns = list(grid_columns)
-        plots.sample_grid([(f"{label}: {prompt}", [grid_columns[c][i] for c in columns]) for i, (label, prompt) in enumerate(rows)],
-                          columns, out / f"samples_{name}.png")
+        grid([Row([label, prompt], [[grid_columns[c][i]] for c in columns]) for i, (label, prompt) in enumerate(rows)],
+             columns, scale=4, label_width=300).save(out / f"samples_{name}.png")
         grids[name] = f"samples_{name}.png"
 
     summary = {}
@@ -243,11 +230,12 @@ def run(budget: Budget, out: Path, heldout_path: Path | None = None, methods: tu
                       "floor": UNTOUCHED_FLOOR, "passes": not failing, "targets": untouched_generality},
         "methods": summary,
         "scaling": scaling,
-        "machine": machine(),
+        "machine": host.machine(),
+        "toy": toy_name,
         "mode": "quick" if budget.quick else "full",
         "budget": asdict(budget),
-        "sampler": DEFAULT_SAMPLER,
-        "prompts": str(heldout_path or world.PROMPTS_DIR / "heldout.json"),
+        "sampler": toy.DEFAULT_SAMPLER,
+        "prompts": str(heldout_path or "benchmark/prompts/heldout.json"),
         "attack": {"success_accuracy": attack.SUCCESS_ACCURACY, "steps": budget.attack_steps, "batch": budget.attack_batch},
         "training": {"ace": erasers.ACE_TRAINING, "esd_x": {"steps": erasers.ESD_STEPS, "learning_rate": erasers.ESD_LEARNING_RATE}},
     }
@@ -330,6 +318,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=Path, default=None, help="a prompt file in the schema of benchmark/prompts/heldout.json")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default benchmark/results/<mode>)")
     ap.add_argument("--methods", nargs="+", default=None, help="a subset of the methods")
+    ap.add_argument("--toy", choices=("causal", "bidirectional"), default="bidirectional", help="which toy model")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     args = ap.parse_args()
     if args.threads:
@@ -338,7 +327,7 @@ def main() -> None:
     out = args.out or RESULTS / ("quick" if args.quick else "full")
     try:
         if args.prompts:
-            world.load_heldout(args.prompts)  # fail now, not after the first erasure
+            load_prompt_file(args.prompts)  # fail now, not after the first erasure
         from benchmark.methods import METHODS
 
         unknown = [m for m in args.methods or () if m not in METHODS]
@@ -346,7 +335,7 @@ def main() -> None:
             raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    results = run(budget, out, args.prompts, tuple(args.methods) if args.methods else None)
+    results = run(budget, out, args.prompts, tuple(args.methods) if args.methods else None, args.toy)
     if not results["untouched"]["passes"]:
         raise SystemExit("error: the untouched model misses the accuracy floor; its numbers mean nothing")
 

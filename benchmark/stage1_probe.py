@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+from runner import host
 
 PROBES = ["a picture of a ball", "an orb", "a sketch depicting a disc", "a red square", "a ring", "a crescent"]
 
@@ -29,26 +25,19 @@ def main():
     parser.add_argument("--concept", default="circle: disc")
     parser.add_argument("--preserve", default="square, triangle, ring")
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    parser.add_argument("--toy", choices=("causal", "bidirectional"), default="bidirectional")
     args = parser.parse_args()
 
-    import comfy_harness  # ComfyUI in this process, with this pack loaded as ComfyUI loads it
-
-    comfy_harness.init_comfyui(Path(tempfile.mkdtemp()))
-    from benchmark import toy_comfy
-
-    model, clip, _ = toy_comfy.load_toy_model()
-    comfy_models = comfy_harness.pack_module("nodes.comfy_models")
-    concepts = comfy_harness.pack_module("ace.concepts")
-    tokens_mod = comfy_harness.pack_module("ace.tokens")
-    closed_form = comfy_harness.pack_module("ace.closed_form")
-
-    encoder = comfy_models.ClipTextEncoder(clip)
-    tokens = tokens_mod.collect_request(encoder, concepts.parse_request(args.concept, "", args.preserve))
-    projections = comfy_models.check_model(model)
-    weights = comfy_models.projection_weights(model, projections)
+    pack = host.start()
+    comfy_models, closed_form = pack.nodes.comfy_models, pack.ace.closed_form
+    model, clip, _ = pack.toy.model.load_toy_model(args.toy)
+    network = comfy_models.network_of(model, clip)
+    encoder = network.encoder
+    tokens = pack.ace.tokens.collect_request(encoder, pack.ace.concepts.parse_request(args.concept, "", args.preserve))
     for rank in args.ranks:
-        adapter, info = closed_form.closed_form_erasure(tokens, weights, projections, closed_form.ClosedFormConfig(rank=rank))
-        stats = info["concepts"][0]
+        stage1 = closed_form.closed_form_erasure(tokens, network.weights, network.projections,
+                                                 closed_form.ClosedFormConfig(rank=rank))
+        adapter, stats = stage1.adapter, stage1.stats[0]
         print(f"rank {rank:3d}: relative residual {stats['relative_residual']:.3f}, "
               f"ungated preserve change {stats['ungated_preserve_change']:.3f}")
     concept = tokens.concepts[0]

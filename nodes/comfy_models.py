@@ -1,4 +1,5 @@
-"""Plain helpers that read ComfyUI's model objects: which family a MODEL is and where its UNet is.
+"""ComfyUI's model objects as ACE sees them: which family a MODEL is, its projections and weights,
+its text encoder, and the `Network` the algorithm runs on; and an erasure put back onto a MODEL.
 
 Every node that takes a MODEL goes through these, so the mapping from ComfyUI's model classes to
 ACE's families lives in one place.
@@ -14,10 +15,12 @@ import comfy.model_management
 import comfy.samplers
 import torch
 
-from ..ace.adapter import GatedAdapter
+from ..ace.adapter import ProjectionEdit
 from ..ace.erasure import Erasure
 from ..ace.families import Projection, check_family, cross_attention_projections
 from ..ace.finetune import autograd_safe
+from ..ace.network import Network
+from ..ace.tokens import TextEncoder
 
 # ComfyUI's model config class (comfy/supported_models.py) -> ACE family. Matched by exact class
 # name: variants such as SD15_instructpix2pix take other inputs and are not assumed to work.
@@ -29,8 +32,13 @@ _FAMILY_OF_CONFIG: dict[str, str] = {
     "SDXL": "sdxl",
     "SSD1B": "sdxl",
     "Segmind_Vega": "sdxl",
-    "AceToy": "ace-toy",  # the benchmark's toy model (benchmark/toy_comfy.py)
+    "AceToyCausal": "ace-toy-causal",  # ACE's toy models (toy/model.py)
+    "AceToy": "ace-toy",
 }
+
+# Image size of stage 2's examples when the caller gives none: each family's native resolution
+# (the toy's 16x16 pixel grid is the latent of a 128 px EmptyLatentImage).
+DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024, "ace-toy-causal": 128, "ace-toy": 128}
 
 
 def family_of(model_patcher) -> str:
@@ -82,6 +90,22 @@ class ClipTextEncoder:
         return cond.reshape(len(prompts), -1, cond.shape[-1])
 
 
+def clip_width(clip) -> int:
+    """The width of the token embeddings a CLIP really feeds a UNet: encode an empty prompt and look."""
+    return clip.encode_from_tokens(clip.tokenize("")).shape[-1]
+
+
+def text_encoder(model_patcher, clip) -> ClipTextEncoder:
+    """ACE's text encoder over `clip`, refused unless its embeddings fit the MODEL's cross-attention."""
+    width, context = clip_width(clip), check_model(model_patcher)[0].in_features
+    if width != context:
+        raise ValueError(
+            f"This CLIP gives {width}-wide text embeddings but the model takes {context}: connect the "
+            "CLIP loaded with this model (same checkpoint)."
+        )
+    return ClipTextEncoder(clip)
+
+
 def projection_weights(model_patcher, projections: list[Projection]) -> dict[str, torch.Tensor]:
     """The weights of the projections ACE edits, with the MODEL's weight patches (LoRAs) applied.
 
@@ -102,8 +126,47 @@ def projection_weights(model_patcher, projections: list[Projection]) -> dict[str
 
 def num_res_blocks(model_patcher) -> int:
     """Residual blocks per UNet level, which fixes the diffusers names of its layers."""
-    n = model_patcher.model.model_config.unet_config.get("num_res_blocks", 2)
+    n = model_patcher.model.model_config.unet_config["num_res_blocks"]
     return n[0] if isinstance(n, (list, tuple)) else int(n)
+
+
+def latent_shape(model_patcher, resolution: int) -> tuple[int, int, int]:
+    """The latent of a square `resolution`-pixel image (ComfyUI's EmptyLatentImage divides by 8)."""
+    channels = model_patcher.model.latent_format.latent_channels
+    side = max(resolution // 8, 1)
+    return (channels, side, side)
+
+
+def training_sigmas(model_patcher, sample_steps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise levels from the model's own schedule: a short schedule to sample the concept's
+    examples with (descending, ending at 0) and the levels to train at."""
+    sampling = model_patcher.get_model_object("model_sampling")
+    sample = comfy.samplers.calculate_sigmas(sampling, "karras", sample_steps).float().cpu()
+    return sample, sample[:-1]
+
+
+def network_of(model_patcher, clip, resolution: int | None = None) -> Network:
+    """The MODEL and its CLIP as the algorithm's `Network` (the MODEL itself is never changed)."""
+    return model_network(model_patcher, text_encoder(model_patcher, clip), resolution)
+
+
+def model_network(model_patcher, encoder: TextEncoder, resolution: int | None = None) -> Network:
+    """The MODEL as the algorithm's `Network`, with any `TextEncoder` of its context width."""
+    projections = check_model(model_patcher)
+    family = family_of(model_patcher)
+    sample_sigmas, train_sigmas = training_sigmas(model_patcher)
+    return Network(
+        family=family,
+        projections=projections,
+        weights=projection_weights(model_patcher, projections),
+        encoder=encoder,
+        attach=lambda edit: attached_for_training(model_patcher, edit),
+        latent_shape=latent_shape(model_patcher, resolution or DEFAULT_RESOLUTION.get(family, 512)),
+        sample_sigmas=sample_sigmas,
+        train_sigmas=train_sigmas,
+        num_res_blocks=num_res_blocks(model_patcher),
+        device=model_patcher.load_device,
+    )
 
 
 def with_erasure(model_patcher, erasure: Erasure, strength: float):
@@ -117,52 +180,51 @@ def with_erasure(model_patcher, erasure: Erasure, strength: float):
     adapter = copy.deepcopy(erasure.adapter)
     adapter.strength = strength
     adapter.requires_grad_(False)
-    return _patched_clone(model_patcher, adapter)
+    return patched_clone(model_patcher, adapter)
 
 
-def _patched_clone(model_patcher, adapter: GatedAdapter):
-    """A clone whose projections run `adapter` on top of whatever forwards they already had."""
+def patched_clone(model_patcher, edit: ProjectionEdit):
+    """A clone whose projections run `edit` on top of whatever forwards they already had."""
     clone = model_patcher.clone()
     modules = dict(unet_of(model_patcher).named_modules())
-    patches = adapter.patched_forwards(modules, "diffusion_model.", existing=clone.object_patches)
+    patches = edit.patched_forwards(modules, "diffusion_model.", existing=clone.object_patches)
     for name, forward in patches.items():
         clone.add_object_patch(name, forward)
     return clone
 
 
 @contextlib.contextmanager
-def attached_for_training(model_patcher, adapter: GatedAdapter) -> Iterator:
-    """Stage 2's network: a patched clone, loaded once by ComfyUI's model management, as a
-    denoiser D(x_t, σ, context). The "original" predictions come from the same network with the
-    adapter switched off, so no second copy of the UNet is ever made."""
-    clone = _patched_clone(model_patcher, adapter)
-    comfy.model_management.load_models_gpu([clone], force_full_load=True)
-    base = clone.model
+def loaded_for_gradients(model_patcher) -> Iterator:
+    """The MODEL loaded by ComfyUI's model management with its patches, its network usable by
+    autograd and frozen; yields ComfyUI's `BaseModel`. On exit the MODEL is unloaded the way
+    ComfyUI unloads a model when another one loads, so its patches come off now, also when the
+    block was interrupted, and nothing half-patched stays behind."""
+    comfy.model_management.load_models_gpu([model_patcher], force_full_load=True)
+    base = model_patcher.model
     autograd_safe(base.diffusion_model)
-    base.diffusion_model.requires_grad_(False)  # only the adapter trains
-    dtype = base.get_dtype()
-    adm = getattr(base, "adm_channels", 0)
-
-    def denoise(x_t, sigma, context):
-        extra = {"y": torch.zeros(len(x_t), adm, device=x_t.device, dtype=x_t.dtype)} if adm else {}
-        return base.apply_model(x_t, sigma, c_crossattn=context.to(dtype), **extra).float()
-
+    base.diffusion_model.requires_grad_(False)
     try:
-        yield denoise
+        yield base
     finally:
-        # Unload this clone the way ComfyUI does when another clone loads, so that its patches come
-        # off now, also when training was cancelled, and nothing half-patched stays behind.
         loaded = comfy.model_management.current_loaded_models
         for i in reversed(range(len(loaded))):
-            if loaded[i].model is clone:
+            if loaded[i].model is model_patcher:
                 entry = loaded.pop(i)
                 entry.model.detach(unpatch_all=True)
                 entry.model_finalizer.detach()
 
 
-def training_sigmas(model_patcher, sample_steps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise levels from the model's own schedule: a short schedule to sample the concept's
-    examples with (descending, ending at 0) and the levels to train at."""
-    sampling = model_patcher.get_model_object("model_sampling")
-    sample = comfy.samplers.calculate_sigmas(sampling, "karras", sample_steps).float().cpu()
-    return sample, sample[:-1]
+@contextlib.contextmanager
+def attached_for_training(model_patcher, edit: ProjectionEdit) -> Iterator:
+    """Stage 2's network: a clone running `edit`, loaded once, as a denoiser D(x_t, σ, context).
+    The "original" predictions come from the same network with the edit switched off, so no
+    second copy of the UNet is ever made."""
+    with loaded_for_gradients(patched_clone(model_patcher, edit)) as base:
+        dtype = base.get_dtype()
+        adm = getattr(base, "adm_channels", 0)
+
+        def denoise(x_t, sigma, context):
+            extra = {"y": torch.zeros(len(x_t), adm, device=x_t.device, dtype=x_t.dtype)} if adm else {}
+            return base.apply_model(x_t, sigma, c_crossattn=context.to(dtype), **extra).float()
+
+        yield denoise

@@ -12,40 +12,16 @@ from ..ace.closed_form import ClosedFormConfig
 from ..ace.concepts import ConceptRequest, parse_request
 from ..ace.erasure import Erasure, erase, fine_tune
 from ..ace.finetune import FinetuneConfig
-from ..ace.tokens import collect_request
-from .comfy_models import (
-    ClipTextEncoder,
-    attached_for_training,
-    check_model,
-    family_of,
-    num_res_blocks,
-    projection_weights,
-    training_sigmas,
-    with_erasure,
-)
+from .comfy_models import network_of, with_erasure
 from .loss_plot import loss_curve_image
 
 Erasure_ = io.Custom("ACE_ERASURE")
 Concepts_ = io.Custom("ACE_CONCEPTS")
 
-DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024, "ace-toy": 128}
-
 CONCEPTS_TOOLTIP = (
     "One concept to erase per line; synonyms after a colon, separated by commas. "
     "Example: 'Van Gogh: Vincent van Gogh, van gogh style'."
 )
-
-
-def _clip_encoder(model, clip) -> ClipTextEncoder:
-    encoder = ClipTextEncoder(clip)
-    width = encoder.encode([""]).shape[-1]
-    context = check_model(model)[0].in_features
-    if width != context:
-        raise ValueError(
-            f"This CLIP gives {width}-wide text embeddings but the model takes {context}: connect the "
-            "CLIP loaded with this model (same checkpoint)."
-        )
-    return encoder
 
 
 def _progress_callback(total: int):
@@ -59,46 +35,16 @@ def _progress_callback(total: int):
     return callback
 
 
-def _latent_shape(model, resolution: int) -> tuple[int, int, int]:
-    channels = model.model.latent_format.latent_channels
-    side = max(resolution // 8, 1)
-    return (channels, side, side)
-
-
-def erase_from_model(model, clip, request: ConceptRequest, closed_form: ClosedFormConfig, training: FinetuneConfig, resolution: int | None = None) -> Erasure:
+def erase_from_model(model, clip, request: ConceptRequest, closed_form: ClosedFormConfig, training: FinetuneConfig,
+                     resolution: int | None = None) -> Erasure:
     """Stages 0-2 on a ComfyUI MODEL and CLIP (the MODEL itself is never changed)."""
-    projections = check_model(model)
-    family = family_of(model)
-    encoder = _clip_encoder(model, clip)
-    sample_sigmas, train_sigmas = training_sigmas(model)
-    erasure = erase(
-        encoder,
-        family,
-        projections,
-        projection_weights(model, projections),
-        request,
-        closed_form,
-        training,
-        attach=lambda adapter: attached_for_training(model, adapter),
-        latent_shape=_latent_shape(model, resolution or DEFAULT_RESOLUTION.get(family, 512)),
-        sample_sigmas=sample_sigmas,
-        train_sigmas=train_sigmas,
-        device=model.load_device,
-        callback=_progress_callback(training.steps) if training.steps else None,
-    )
-    erasure.info["num_res_blocks"] = num_res_blocks(model)
-    return erasure
+    callback = _progress_callback(training.steps) if training.steps else None
+    return erase(network_of(model, clip, resolution), request, closed_form, training, callback)
 
 
-def fine_tune_on_model(model, clip, erasure: Erasure, training: FinetuneConfig, resolution: int) -> Erasure:
+def fine_tune_on_model(model, clip, erasure: Erasure, training: FinetuneConfig, resolution: int | None = None) -> Erasure:
     """Stage 2 of an existing erasure on a ComfyUI MODEL and CLIP (neither is changed)."""
-    erasure.check_fits(family_of(model), check_model(model))
-    tokens = collect_request(_clip_encoder(model, clip), erasure.request)
-    sample_sigmas, train_sigmas = training_sigmas(model)
-    return fine_tune(
-        erasure, tokens, lambda adapter: attached_for_training(model, adapter), _latent_shape(model, resolution),
-        sample_sigmas, train_sigmas, training, device=model.load_device, callback=_progress_callback(training.steps),
-    )
+    return fine_tune(erasure, network_of(model, clip, resolution), training, _progress_callback(training.steps))
 
 
 class EraseConcept(io.ComfyNode):

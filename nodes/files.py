@@ -104,7 +104,7 @@ class ExportLoRA(io.ComfyNode):
     def execute(cls, erasure, file_name, strength, overwrite) -> io.NodeOutput:
         check_strength(strength)
         path = _target("loras", file_name, overwrite)
-        export_lora(erasure, path, erasure.info.get("num_res_blocks", 2), strength)
+        export_lora(erasure, path, strength)
         name = os.path.basename(path)
         return io.NodeOutput(name, ui=ui.PreviewText(f"exported {name} to models/loras"))
 

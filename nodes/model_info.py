@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io, ui
 
-from .comfy_models import check_model, family_of
+from .comfy_models import check_model, clip_width, family_of
 
 
 def model_report(model, clip=None) -> str:
@@ -26,9 +26,7 @@ def model_report(model, clip=None) -> str:
 
 
 def _clip_line(clip, model_context: int) -> str:
-    # The width the text encoder really feeds the UNet: encode an empty prompt and look.
-    cond = clip.encode_from_tokens(clip.tokenize(""))
-    width = cond.shape[-1]
+    width = clip_width(clip)
     name = type(clip.cond_stage_model).__name__
     if width == model_context:
         return f"text encoder: {name}, context {width} (matches the model)"

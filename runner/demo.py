@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import shutil
 import sys
@@ -31,9 +29,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from runner.pictures import Row, before_after_grid
+from ace.concepts import parse_request
+from runner.host import machine
+from runner.pictures import BEFORE_AFTER, Row, grid
 from runner.server import REPO, ComfyServer, GraphError
 from runner.workflows import DEMO, TOY_LOADER, load, to_api
+from toy import world
+from toy.classifier import classify, load_classifier
 
 ERASE_NODE = "ACEErasure_EraseConcept"
 LOADERS = {TOY_LOADER, "CheckpointLoaderSimple"}
@@ -50,12 +52,7 @@ ROLES = {
 
 def _vocabulary() -> list[tuple[str, str, str]]:
     """(phrase, kind, concept) for every learned word of the toy world, longest phrase first."""
-    from benchmark import world
-
-    concepts = world.load_concepts()
-    kinds = {"objects": "object", "colours": "colour", "styles": "style", "entities": "entity"}
-    words = [(phrase, kind, name) for section, kind in kinds.items()
-             for name, c in concepts[section].items() for phrase in c["synonyms"]]
+    words = [(phrase, kind, name) for kind, name in world.all_concepts() for phrase in world.learned_words(kind, name)]
     return sorted(words, key=lambda w: -len(w[0]))
 
 
@@ -73,8 +70,6 @@ def named_concepts(text: str) -> list[tuple[str, str, str]]:
 
 def asks_for(text: str) -> dict[str, str]:
     """The attributes a prompt asks for: an entity's look, or the object / colour / style it names."""
-    from benchmark import world
-
     asked = {}
     for kind, name, _ in named_concepts(text):
         if kind == "entity":
@@ -130,8 +125,6 @@ def load_pictures(paths: list[Path]):
 
 def judge(paths: list[Path], asked: dict[str, str], net) -> dict:
     """What the classifier sees in each picture, and how many show everything the prompt asks."""
-    from benchmark.classifier import classify
-
     seen = classify(net, load_pictures(paths))
     pictures = [{a: seen[a][i] for a in ATTRIBUTES} for i in range(len(paths))]
     shows = [all(p[a] == v for a, v in asked.items()) for p in pictures]
@@ -145,8 +138,8 @@ def erasure_request(prompt: dict) -> dict:
     if len(nodes) != 1:
         raise ValueError(f"the demo graph needs exactly one {ERASE_NODE} node, found {len(nodes)}")
     inputs = nodes[0]["inputs"]
-    phrases = [p.strip() for line in inputs["concepts"].splitlines() if line.strip() and not line.startswith("#")
-               for p in re.split(r"[:,]", line) if p.strip()]
+    request = parse_request(inputs["concepts"], inputs["anchor"], inputs["preserve"])
+    phrases = [phrase for c in request.concepts for phrase in c.phrases]
     concepts = sorted({(kind, name) for p in phrases for kind, name, _ in named_concepts(p)})
     return {"concepts": inputs["concepts"], "phrases": phrases, "erased": [name for _, name in concepts],
             "erased_kinds": concepts, "preserve": inputs["preserve"], "steps": inputs["steps"], "strength": inputs["strength"]}
@@ -178,8 +171,6 @@ def _slug(text: str) -> str:
 def run_demo(server: ComfyServer, out: Path, workflow_path: Path = DEMO) -> dict:
     """Run the demo workflow on `server`, judge its pictures, write them, the grid and the numbers
     into `out`; return the numbers (what results.json holds)."""
-    from benchmark.classifier import load_classifier
-
     t0 = time.perf_counter()
     object_info = server.get("/object_info", timeout=60)
     prompt = to_api(load(workflow_path), object_info)
@@ -211,14 +202,13 @@ def run_demo(server: ComfyServer, out: Path, workflow_path: Path = DEMO) -> dict
             raise ValueError(f"the prompt {branch.prompt!r} names nothing of the toy world; the classifier cannot judge it")
         row[branch.model] = judge(files, row["asks"], net)
     rows_list = [r for r in rows.values() if "before" in r and "after" in r]
-    grid = before_after_grid([
+    picture = grid([
         Row([r["prompt"], r["role_text"], f"shows it: {r['before']['shows']}/{r['before']['of']} before, "
              f"{r['after']['shows']}/{r['after']['of']} after"],
-            [Image.open(out / p["file"]) for p in r["before"]["pictures"]],
-            [Image.open(out / p["file"]) for p in r["after"]["pictures"]])
+            [[Image.open(out / p["file"]) for p in r[which]["pictures"]] for which in ("before", "after")])
         for r in rows_list
-    ])
-    grid.save(out / "grid.png")
+    ], BEFORE_AFTER)
+    picture.save(out / "grid.png")
     result = {
         "workflow": workflow_path.stem,
         "grid": "grid.png",
@@ -228,19 +218,6 @@ def run_demo(server: ComfyServer, out: Path, workflow_path: Path = DEMO) -> dict
                     "object_info": round(t_run - t0, 2), "judging_and_writing": round(time.perf_counter() - t_judge, 2)},
     }
     return result
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:  # Linux names the model here
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.cuda.is_available()}
 
 
 def table(result: dict) -> str:
@@ -280,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             result["seconds"]["server_start"] = round(started, 2)
             result["seconds"]["total"] = round(time.perf_counter() - t0, 2)
-            result["machine"] = {**machine(), "server_threads": args.threads or "default"}
+            result["machine"] = machine()
+            result["server_threads"] = args.threads or "default"
             (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
             print(table(result))
             s = result["seconds"]

@@ -1,4 +1,5 @@
-"""Pictures the demo writes: the before/after grid and the workflows' thumbnails.
+"""Pictures: labelled grids of renders (the demo's and the command line's before/after grids, the
+benchmark's one column per method) and the workflows' thumbnails.
 
 The toy model's pictures are 16x16 pixels; they are enlarged by whole factors with nearest-
 neighbour sampling, so every pixel stays a sharp square.
@@ -22,40 +23,67 @@ def enlarge(image: Image.Image, factor: int) -> Image.Image:
     return image.convert("RGB").resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
+def to_image(picture) -> Image.Image:
+    """A PIL picture from a PIL picture or a tensor in 0..1, (3, H, W) or (H, W, 3)."""
+    if isinstance(picture, Image.Image):
+        return picture.convert("RGB")
+    array = picture.detach().float().cpu().clamp(0, 1)
+    if array.shape[0] == 3 and array.shape[-1] != 3:
+        array = array.permute(1, 2, 0)
+    return Image.fromarray((array * 255).round().byte().numpy(), "RGB")
+
+
+def fit(image: Image.Image, side: int) -> Image.Image:
+    """`image` scaled to `side` pixels wide: small pictures (the toy's 16 px) by whole pixels,
+    large renders smoothly."""
+    if image.width == side:
+        return image
+    if side % image.width == 0:
+        return enlarge(image, side // image.width)
+    return image.convert("RGB").resize((side, side * image.height // image.width), Image.Resampling.LANCZOS)
+
+
 @dataclass
 class Row:
-    """One line of the grid: a label (first line bold-ish, the rest dimmer) and two sets of pictures."""
+    """One line of a grid: a label (first line bright, the rest dimmer) and the pictures of each column."""
 
     label: list[str]
-    before: list[Image.Image]
-    after: list[Image.Image]
+    columns: list[list]  # per column, its pictures (PIL images or tensors in 0..1)
 
 
-def before_after_grid(rows: list[Row], scale: int = 8, labels: bool = True, gap: int = 8) -> Image.Image:
-    """Rows of pictures, the base model's on the left and the erased model's on the right, each
-    enlarged `scale` times; with `labels`, a label column and the two column titles."""
-    side = max(im.width for row in rows for im in row.before + row.after) * scale
-    per_side = max(max(len(row.before), len(row.after)) for row in rows)
-    block = per_side * side + (per_side - 1) * gap // 2
-    label_w, head_h, text = (330, 36, font(17)) if labels else (0, 0, None)
+def grid(rows: list[Row], titles: list[str], cell: int | None = None, scale: int = 8, labels: bool = True,
+         gap: int = 8, label_width: int = 330) -> Image.Image:
+    """Rows of pictures in titled columns (before | after, or one column per method), every picture
+    `cell` pixels wide (default: the largest picture enlarged `scale` times); with `labels`, a label
+    column and the column titles."""
+    rows = [Row(r.label, [[to_image(p) for p in column] for column in r.columns]) for r in rows]
+    pictures = [p for r in rows for column in r.columns for p in column]
+    side = cell or max(p.width for p in pictures) * scale
+    per_column = max(len(column) for r in rows for column in r.columns)
+    block = per_column * side + (per_column - 1) * gap // 2
+    label_w, head_h, text = (label_width, 36, font(17)) if labels else (0, 0, None)
     pad = gap * 2 if labels else gap
-    width = label_w + 2 * block + 3 * pad
+    n_columns = max(len(r.columns) for r in rows)
+    width = label_w + n_columns * (block + pad) + pad
     height = head_h + len(rows) * (side + gap) + pad
-    grid = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(grid)
-    left = [label_w + pad, label_w + 2 * pad + block]
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    left = [label_w + pad + c * (block + pad) for c in range(n_columns)]
     if labels:
-        for x, title in zip(left, ("before: base model", "after: erased model")):
+        for x, title in zip(left, titles):
             draw.text((x, 8), title, fill=TEXT, font=text)
     for r, row in enumerate(rows):
         y = head_h + pad // 2 + r * (side + gap)
         if labels:
             for i, line in enumerate(row.label):
                 draw.text((pad, y + 6 + i * 24), line, fill=TEXT if i == 0 else DIM, font=text if i == 0 else font(15))
-        for x0, images in zip(left, (row.before, row.after)):
-            for i, im in enumerate(images):
-                grid.paste(enlarge(im, scale), (x0 + i * (side + gap // 2), y))
-    return grid
+        for x0, column in zip(left, row.columns):
+            for i, picture in enumerate(column):
+                canvas.paste(fit(picture, side), (x0 + i * (side + gap // 2), y))
+    return canvas
+
+
+BEFORE_AFTER = ["before: base model", "after: erased model"]
 
 
 def thumbnail(images: list[Image.Image], texts: list[str], caption: str, side: int = 512) -> Image.Image:

@@ -1,7 +1,7 @@
 """ComfyUI's real server (`main.py`) with this pack, started and driven over HTTP.
 
 Used by the demo (`scripts/demo.sh`), the thumbnails it renders, and the tests. ComfyUI is found
-through COMFYUI_PATH, else the path `scripts/setup.sh` wrote to .cache/comfyui-path. The server's
+by `runner.host.comfyui_path` (COMFYUI_PATH, else the path `scripts/setup.sh` recorded). The server's
 base directory is a scratch folder: only this pack (linked into its custom_nodes/ as a user's clone
 would be) and ComfyUI's built-in nodes load, and only the models put there are listed.
 """
@@ -18,8 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PACK_NAME = "comfyui-ace"  # the folder name users clone into custom_nodes/
+from runner.host import PACK_NAME, REPO, comfyui_path, link_pack  # noqa: F401  (re-exported for the tests)
 
 
 class HarnessError(RuntimeError):
@@ -36,37 +35,7 @@ class GraphError(RuntimeError):
         self.details = details
 
 
-# --- finding and starting ComfyUI ---------------------------------------------------------------
-
-def find_comfyui() -> Path:
-    """ComfyUI's folder: $COMFYUI_PATH, else the one recorded by scripts/setup.sh."""
-    env = os.environ.get("COMFYUI_PATH")
-    recorded = REPO / ".cache" / "comfyui-path"
-    if env:
-        path, source = Path(env), "COMFYUI_PATH"
-    elif recorded.is_file():
-        path, source = Path(recorded.read_text().strip()), str(recorded)
-    else:
-        raise HarnessError(
-            "No ComfyUI found: set COMFYUI_PATH to a ComfyUI folder (the one holding main.py), "
-            "or run `bash scripts/setup.sh` to unpack the pinned ComfyUI 0.3.75."
-        )
-    if not (path / "main.py").is_file() or not (path / "comfy").is_dir():
-        raise HarnessError(
-            f"{path} (from {source}) is not a ComfyUI folder: no main.py and comfy/. "
-            "Fix COMFYUI_PATH or run `bash scripts/setup.sh`."
-        )
-    return path.resolve()
-
-
-def link_pack(custom_nodes: Path) -> Path:
-    """Put this checkout into a custom_nodes folder as `comfyui-ace`, as a user's clone would be."""
-    custom_nodes.mkdir(parents=True, exist_ok=True)
-    link = custom_nodes / PACK_NAME
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
-    return link
-
+# --- starting ComfyUI's server ----------------------------------------------------------------
 
 def install_checkpoint(checkpoint: Path, models_dir: Path) -> str:
     """Make a checkpoint visible in models_dir/checkpoints; return the name ComfyUI lists."""
@@ -106,7 +75,7 @@ class ComfyServer:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "ComfyServer":
-        comfy_path = find_comfyui()
+        comfy_path = comfyui_path()
         for name in self.checkpoints:
             install_checkpoint(name, self.base_dir / "models")
         link_pack(self.base_dir / "custom_nodes")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from runner.pictures import Row, before_after_grid, thumbnail
+from runner.pictures import BEFORE_AFTER, Row, grid, thumbnail
 from runner.server import ComfyServer, GraphError
 from runner.workflows import DEMO, for_toy_model, load, shipped, to_api
 
@@ -30,9 +30,9 @@ def _exported_loras(paths: list[Path]) -> list[str]:
 
 def demo_thumbnail(demo_out: Path, result: dict) -> Image.Image:
     """The demo's before/after pictures, one row per prompt, without labels."""
-    rows = [Row([], [Image.open(demo_out / p["file"]) for p in r["before"]["pictures"]],
-                [Image.open(demo_out / p["file"]) for p in r["after"]["pictures"]]) for r in result["prompts"]]
-    return thumbnail([before_after_grid(rows, scale=1, labels=False, gap=4)], [], CAPTION)
+    rows = [Row([], [[Image.open(demo_out / p["file"]) for p in r[which]["pictures"]] for which in ("before", "after")])
+            for r in result["prompts"]]
+    return thumbnail([grid(rows, BEFORE_AFTER, scale=1, labels=False, gap=4)], [], CAPTION)
 
 
 def workflow_thumbnail(server: ComfyServer, path: Path, object_info: dict, lora_name: str | None) -> Image.Image:

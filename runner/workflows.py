@@ -13,7 +13,8 @@ import json
 import re
 from pathlib import Path
 
-from runner.server import REPO
+import toy
+from runner.host import REPO
 
 WORKFLOWS_DIR = REPO / "workflows"
 
@@ -134,13 +135,13 @@ def for_tiny_model(prompt: dict, ckpt_name: str, lora_name: str | None = None) -
 
 
 # The painters the shipped workflows name, as the toy world's made-up named entities (the toy's
-# analogue of a famous name; benchmark/world.py). A name the toy does not know is dropped.
+# analogue of a famous name; toy/world.py). A name the toy does not know is dropped.
 TOY_ENTITIES = {"van gogh": "Brontel", "picasso": "Vexmoor", "dali": "Zarnika", "monet": "Quillane"}
 # The toy's pictures are 16x16, so the 16 px white gap ImageStitch puts between 512 px pictures
 # would be as wide as a picture: 2 px instead.
 TOY_STITCH_SPACING = 2
 # Its stand-in for "512 px" in ACE Adversarial Fine-Tune: the toy's 16x16 grid.
-TOY_RESOLUTION = 128
+TOY_RESOLUTION = toy.IMAGE_SIZE
 
 
 def toy_entity(text: str) -> str | None:
@@ -175,19 +176,17 @@ def for_toy_model(prompt: dict, lora_name: str | None = None) -> dict:
     stitching gap, the painters the prompts and concepts name as toy entities, and `lora_name` in
     every Load LoRA. ACE's own settings (fine-tuning steps, rank, strength) stay as shipped. A
     graph already on the toy model runs as shipped."""
-    from benchmark.toy_comfy import DEFAULT_SAMPLER
-
     if any(node["class_type"] == TOY_LOADER for node in prompt.values()):
         return json.loads(json.dumps(prompt))
-    toy = json.loads(json.dumps(prompt))
-    for node in toy.values():
+    graph = json.loads(json.dumps(prompt))
+    for node in graph.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
-            node["class_type"], node["inputs"] = TOY_LOADER, {}
+            node["class_type"], node["inputs"] = TOY_LOADER, {"text_encoder": toy.DEFAULT_MODEL}
         elif kind == "EmptyLatentImage":
             inputs.update(width=TOY_RESOLUTION, height=TOY_RESOLUTION)
         elif kind == "KSampler":
-            inputs.update(DEFAULT_SAMPLER)
+            inputs.update(toy.SAMPLER)
         elif kind == "CLIPTextEncode":
             inputs["text"] = toy_prompt(inputs["text"])
         elif kind in ("ACEErasure_EraseConcept", "ACEErasure_ConceptList"):
@@ -198,4 +197,4 @@ def for_toy_model(prompt: dict, lora_name: str | None = None) -> dict:
             inputs["spacing_width"] = TOY_STITCH_SPACING
         elif kind == "LoraLoader" and lora_name:
             inputs["lora_name"] = lora_name
-    return toy
+    return graph

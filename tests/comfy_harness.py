@@ -1,13 +1,13 @@
 """Run this pack inside a real ComfyUI, in-process or as a server, with tiny random models.
 
-Nothing here mocks ComfyUI: the pack is loaded by ComfyUI's own loader, graphs run through its
+Nothing here mocks ComfyUI: ComfyUI starts in this process through `runner.host` (the one way
+in), which loads the pack with ComfyUI's own loader; graphs run through its
 `execution.PromptExecutor`, checkpoints load through its `CheckpointLoaderSimple`, and
 `ComfyServer` (from `runner/server.py`, which the demo shares) starts its `main.py` and talks to
-it over HTTP.
+it over HTTP. ComfyUI is found through COMFYUI_PATH, else the path `scripts/setup.sh` recorded.
 
-ComfyUI is found through COMFYUI_PATH, else the path `scripts/setup.sh` wrote to
-.cache/comfyui-path. Our `nodes/` package clashes with ComfyUI's top-level `nodes` module, so
-ComfyUI's folder goes first on sys.path and tests never `import nodes` from this repository.
+Tests reach the pack's modules as ComfyUI loaded them, `pack().nodes.comfy_models`, never by
+importing `nodes` from this repository (ComfyUI's own `nodes` module owns that name).
 """
 from __future__ import annotations
 
@@ -16,22 +16,20 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runner import host
 from runner.server import (  # noqa: F401  (the server side, shared with the demo; re-exported for tests)
     PACK_NAME,
     REPO,
     ComfyServer,
     GraphError,
     HarnessError,
-    find_comfyui,
     free_port,
     install_checkpoint,
-    link_pack,
 )
 
 MODEL_CACHE = REPO / ".cache" / "test-models"
@@ -55,97 +53,19 @@ TINY_SD15_UNET = {
 
 # --- ComfyUI in this process ---------------------------------------------------------------------
 
-@dataclass
-class ComfyEnv:
-    """The in-process ComfyUI: where it lives, its temp base folder, and our loaded pack."""
-
-    comfy_path: Path
-    base_dir: Path
-    pack_module: str  # the name ComfyUI gave our package in sys.modules
-    node_ids: list[str] = field(default_factory=list)
-
-
-_ENV: ComfyEnv | None = None
-
-
-def init_comfyui(base_dir: Path) -> ComfyEnv:
-    """Initialise ComfyUI in this process once (CPU, PyTorch attention, folders under base_dir),
-    load its built-in extra nodes and this pack with ComfyUI's own loader."""
-    global _ENV
-    if _ENV is not None:
-        return _ENV
-    comfy_path = find_comfyui()
-    # ComfyUI first: its `nodes` module must win over this repo's `nodes/` package. The repo
-    # root may stay on sys.path (for `import ace`), but behind ComfyUI.
-    sys.path[:] = [str(comfy_path)] + [p for p in sys.path if p != str(comfy_path)]
-
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.use_pytorch_cross_attention = True
-    comfy.cli_args.args.disable_api_nodes = True
-
-    # As main.py does, before anything imports ComfyUI's `nodes`: that module puts ComfyUI/comfy
-    # first on sys.path, after which `import utils` would find comfy/utils.py instead of the
-    # `utils` package that server.py needs (comfy_extras/nodes_images.py then fails to load).
-    import utils.extra_config  # noqa: F401
-    import folder_paths
-
-    base_dir = Path(base_dir)
-    for kind in ("output", "input", "temp", "user"):
-        (base_dir / kind).mkdir(parents=True, exist_ok=True)
-    folder_paths.set_output_directory(str(base_dir / "output"))
-    folder_paths.set_input_directory(str(base_dir / "input"))
-    folder_paths.set_temp_directory(str(base_dir / "temp"))
-    folder_paths.set_user_directory(str(base_dir / "user"))
-    # Every model folder points into base_dir only, so a user's own models never leak in.
-    for name, (_paths, exts) in list(folder_paths.folder_names_and_paths.items()):
-        if name == "custom_nodes":
-            continue
-        folder = base_dir / "models" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        folder_paths.folder_names_and_paths[name] = ([str(folder)], exts)
-    folder_paths.models_dir = str(base_dir / "models")
-
-    import comfy.model_management  # noqa: F401  (needs args.cpu set first)
+def init_comfyui(base_dir: Path) -> host.Host:
+    """ComfyUI in this process (CPU, its extra nodes, folders under base_dir) with this pack, and
+    the tests' in-memory model node."""
+    host.start(base_dir, device="cpu", extra_nodes=True)
     import nodes
 
-    if Path(nodes.__file__).resolve() != comfy_path / "nodes.py":
-        raise HarnessError(f"`nodes` was imported from {nodes.__file__}, not from ComfyUI; never `import nodes` from this repository")
-    before = set(nodes.NODE_CLASS_MAPPINGS)
-    pack_path = link_pack(base_dir / "custom_nodes")
-
-    async def load():
-        await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
-        return await nodes.load_custom_node(str(pack_path))
-
-    if not asyncio.run(load()):
-        raise HarnessError(f"ComfyUI could not load the pack from {pack_path}; see the log above.")
-    ours = sorted(
-        k for k, cls in nodes.NODE_CLASS_MAPPINGS.items()
-        if k not in before and getattr(cls, "RELATIVE_PYTHON_MODULE", "") == f"custom_nodes.{PACK_NAME}"
-    )
-    if not ours:
-        raise HarnessError("the pack loaded but registered no nodes")
     nodes.NODE_CLASS_MAPPINGS[InMemoryModel.NODE_ID] = InMemoryModel
-    _ENV = ComfyEnv(comfy_path, base_dir, pack_module=str(pack_path).replace(".", "_x_"), node_ids=ours)
-    return _ENV
+    return host.host()
 
 
-def pack_module(name: str = ""):
-    """A module of this pack as ComfyUI loaded it, e.g. pack_module("ace.families").
-
-    Use it for classes whose identity matters (exceptions): importing `ace` directly gives a
-    second copy of the module whose classes are not the ones the nodes raise.
-    """
-    import importlib
-
-    if _ENV is None:
-        raise HarnessError("init_comfyui() has not run; use the `comfy` fixture")
-    return importlib.import_module(_ENV.pack_module + (f".{name}" if name else ""))
+def pack():
+    """This pack's package as ComfyUI loaded it: `pack().nodes.comfy_models`, `pack().ace.families`."""
+    return host.host().pack
 
 
 # --- tiny random models --------------------------------------------------------------------------
@@ -347,8 +267,7 @@ def run_graph(prompt: dict, fresh_cache: bool = False) -> GraphResult:
     global _EXECUTOR
     import execution
 
-    if _ENV is None:
-        raise HarnessError("init_comfyui() has not run; use the `comfy` fixture")
+    host.host()  # ComfyUI must be running: use the `comfy` fixture
     if _EXECUTOR is None or fresh_cache:
         _EXECUTOR = execution.PromptExecutor(
             _HeadlessServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}

@@ -11,7 +11,7 @@ import comfy_harness as harness
 
 
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory) -> harness.ComfyEnv:
+def comfy(tmp_path_factory) -> harness.host.Host:
     """ComfyUI initialised in-process (CPU, temp folders) with its extra nodes and this pack."""
     return harness.init_comfyui(tmp_path_factory.mktemp("comfyui"))
 

@@ -11,10 +11,9 @@ from ace.families import UnsupportedModelError, cross_attention_projections
 from ace.files import ErasureFileError, check_file_name, load_erasure, save_erasure
 from ace.finetune import FinetuneConfig, attack, finetune, sample_latents
 from ace.tokens import collect_request
-from toys import ToyTextEncoder, ToyUNet
+from toys import ToyTextEncoder, ToyUNet, toy_network
 
-SAMPLE_SIGMAS = torch.tensor([10.0, 5.0, 2.5, 1.2, 0.6, 0.3, 0.0])
-TRAIN_SIGMAS = SAMPLE_SIGMAS[1:-1]
+from toys import SAMPLE_SIGMAS, TRAIN_SIGMAS
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +38,8 @@ def stage1(encoder, unet, text="beagle: snoopy", anchor="a dog", preserve="cat, 
     request = parse_request(text, anchor, preserve)
     tokens = collect_request(encoder, request)
     projections, weights = weights_of(unet)
-    adapter, info = closed_form_erasure(tokens, weights, projections, ClosedFormConfig(**cfg))
-    return request, tokens, adapter, info
+    result = closed_form_erasure(tokens, weights, projections, ClosedFormConfig(**cfg))
+    return request, tokens, result.adapter, result
 
 
 # --- requests ---------------------------------------------------------------------------------
@@ -114,7 +113,7 @@ def test_everyday_prompts_naming_an_erased_concept_are_not_preserved(encoder):
 
 def test_closed_form_maps_concept_onto_neutral_and_leaves_preserve(encoder, unet):
     _, tokens, adapter, info = stage1(encoder, unet, rank=16)
-    stats = info["concepts"][0]
+    stats = info.stats[0]
     assert stats["relative_residual"] < 0.2  # concept outputs moved most of the way to neutral
     assert stats["gate_margin"] > 0  # concept and preserve tokens separable
     concept = tokens.concepts[0]
@@ -225,8 +224,8 @@ def test_many_concepts_share_one_batched_operation():
 def test_overlapping_concepts_share_one_slot():
     encoder, unet = ToyTextEncoder(width=384), ToyUNet(context=384)
     request, tokens, adapter, info = stage1(encoder, unet, text="van gogh\nvincent van gogh\nbeagle", anchor="", preserve="")
-    assert info["slots"] == [[0, 1], [2]]
-    assert adapter.num_slots == 2 and info["concepts"][0]["concepts"] == ["van gogh", "vincent van gogh"]
+    assert info.slots == [[0, 1], [2]]
+    assert adapter.num_slots == 2 and info.stats[0]["concepts"] == ["van gogh", "vincent van gogh"]
     for concept in tokens.concepts[:2]:  # the shared slot's gate covers both phrasings
         assert adapter.gate(concept.C[concept.is_phrase])[:, 0].min() > 0.9
 
@@ -323,18 +322,14 @@ def test_erase_runs_all_stages_and_save_load_is_exact(tmp_path):
     encoder = ToyTextEncoder(width=384)  # the width of the toy family's context
     unet = ToyUNet(context=384)
     unet.requires_grad_(False)
-    projections, weights = weights_of(unet)
     request = parse_request("beagle: snoopy", "a dog", "cat")
-    erasure = erase(
-        encoder, "ace-toy", projections, weights, request,
-        ClosedFormConfig(), FinetuneConfig(steps=3),
-        attach=lambda adapter: adapter.attached(unet), latent_shape=(4, 8, 8), sample_sigmas=SAMPLE_SIGMAS, train_sigmas=TRAIN_SIGMAS,
-    )
+    erasure = erase(toy_network(unet, encoder, "ace-toy"), request, ClosedFormConfig(), FinetuneConfig(steps=3))
     assert erasure.info["stage2_seconds"] > 0 and len(erasure.info["history"]) == 3
     path = str(tmp_path / "e.safetensors")
     save_erasure(erasure, path)
     loaded = load_erasure(path)
     assert loaded.family == "ace-toy" and loaded.request == request
+    assert loaded.slots == erasure.slots == [[0]] and loaded.num_res_blocks == erasure.num_res_blocks
     assert erasure.adapter.gate_scope == loaded.adapter.gate_scope == "prompt"  # MiniLM reads both ways
     for a, b in zip(erasure.adapter.state_dict().values(), loaded.adapter.state_dict().values()):
         assert torch.equal(a, b)
@@ -342,14 +337,13 @@ def test_erase_runs_all_stages_and_save_load_is_exact(tmp_path):
 
 
 def test_erase_refuses_unsupported_family(encoder, unet):
-    projections, weights = weights_of(unet)
     with pytest.raises(UnsupportedModelError, match="Flux model; ACE supports Stable Diffusion 1.x"):
-        erase(encoder, "Flux", projections, weights, parse_request("beagle"))
+        erase(toy_network(unet, encoder, "Flux"), parse_request("beagle"))
 
 
 def test_erasure_must_fit_the_model(encoder, unet):
-    request, _, adapter, _ = stage1(encoder, unet)
-    erasure = Erasure("sd1", request, adapter)
+    request, _, adapter, info = stage1(encoder, unet)
+    erasure = Erasure("sd1", request, adapter, info.slots, num_res_blocks=1)
     with pytest.raises(ValueError, match="made for a sd1 model and cannot be applied to a sdxl"):
         erasure.check_fits("sdxl", adapter.projections)
     other = cross_attention_projections(ToyUNet(depth=2))
@@ -360,7 +354,7 @@ def test_erasure_must_fit_the_model(encoder, unet):
 def test_loading_bad_files_fails_clearly(encoder, unet, tmp_path):
     request, _, adapter, info = stage1(encoder, unet)
     good = str(tmp_path / "good.safetensors")
-    save_erasure(Erasure("ace-toy", request, adapter, info), good)
+    save_erasure(Erasure("ace-toy", request, adapter, info.slots, num_res_blocks=1), good)
     data = open(good, "rb").read()
 
     corrupt = tmp_path / "corrupt.safetensors"

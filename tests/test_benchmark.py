@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 
-from benchmark import world
 from benchmark.metrics import frechet_distance, harmonic_overall
-
-REPO = world.PROMPTS_DIR.parents[1]
+from benchmark.prompts import load_prompt_file, split_prompts
+from runner.host import REPO
+from toy import world
 
 
 def test_harmonic_overall():
@@ -39,7 +39,7 @@ def test_frechet_distance_of_known_gaussians():
 
 
 def test_prompt_files_are_checked(tmp_path):
-    good = world.load_heldout()
+    good = load_prompt_file()
     assert good["request"]["circle"] == ["circle"]
     cases = {
         "not json": ("{", "not valid JSON"),
@@ -53,28 +53,28 @@ def test_prompt_files_are_checked(tmp_path):
         path = tmp_path / f"{name}.json"
         path.write_text(data if isinstance(data, str) else json.dumps(data))
         with pytest.raises(ValueError, match=message):
-            world.load_heldout(path)
+            load_prompt_file(path)
     with pytest.raises(ValueError, match="does not exist"):
-        world.load_heldout(tmp_path / "missing.json")
+        load_prompt_file(tmp_path / "missing.json")
 
 
 def test_another_prompt_file_changes_the_request_and_the_generality_prompts(comfy, tmp_path):
     from benchmark import run
 
-    data = world.load_heldout()
+    data = load_prompt_file()
     data["request"]["circle"] = ["disc", "orb"]
     data["left_out"]["circle"] = ["ball"]
     data["templates"] = ["a doodle of {a} {x}"]
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(data))
-    mine = world.load_heldout(path)
+    mine = load_prompt_file(path)
 
     request = run.make_request(["circle"], mine)
     assert [(c.target, c.synonyms) for c in request.concepts] == [("disc", ("orb",))]
     assert "square" in request.preserve and "disc" not in request.preserve
-    texts = [p.text for p in world.concept_prompts("object", "circle", "heldout", heldout=mine)]
+    texts = [p.text for p in split_prompts("object", "circle", "heldout", mine)]
     assert texts and all(t.startswith("a doodle of") for t in texts)
-    left_out = [p.text.split() for p in world.concept_prompts("object", "circle", "left_out", heldout=mine)]
+    left_out = [p.text.split() for p in split_prompts("object", "circle", "left_out", mine)]
     assert left_out and all("ball" in words and not {"circle", "disc", "orb"} & set(words) for words in left_out)
 
 

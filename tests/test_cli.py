@@ -1,6 +1,6 @@
-"""The command line, `python -m ace erase ...`, run as users run it: a subprocess started from the
-repository root, on the tiny SD1.5 checkpoint (through ComfyUI's checkpoint loader) and on the
-benchmark's toy model."""
+"""The command line, `python -m runner erase ...`, run as users run it: a subprocess started from
+the repository root, on the tiny SD1.5 checkpoint (through ComfyUI's checkpoint loader) and on
+ACE's toy model."""
 from __future__ import annotations
 
 import json
@@ -23,7 +23,7 @@ KOHYA_KEY = re.compile(r"lora_unet_\w+_attn2_to_[kv]\.(lora_down\.weight|lora_up
 
 def ace(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "ace", *map(str, args)], check=False, cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "runner", *map(str, args)], check=False, cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -208,6 +208,6 @@ def test_a_file_ace_cannot_use_fails(unusable_models, tmp_path, kind, phrases):
 
 
 def test_the_command_imports_neither_torch_nor_comfyui_until_it_runs():
-    code = "import sys, ace.cli; print(sorted({'torch', 'comfy', 'nodes'} & set(sys.modules)))"
+    code = "import sys, runner.cli; print(sorted({'torch', 'comfy', 'nodes'} & set(sys.modules)))"
     run = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr

@@ -93,4 +93,4 @@ def test_demo_script_runs_the_workflow_and_writes_pictures_grid_and_numbers(tmp_
         assert r["prompt"] in run.stdout
     seconds = result["seconds"]
     assert 0 < seconds["workflow"] < seconds["total"] < 180
-    assert result["machine"]["cores"] and result["machine"]["torch"]
+    assert "cores" in result["machine"] and "torch" in result["machine"]

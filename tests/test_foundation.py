@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from comfy_harness import GraphError, in_memory_model_node, pack_module, run_graph
+from comfy_harness import GraphError, in_memory_model_node, pack, run_graph
 
 SUPPORTED_NAMES = ("Stable Diffusion 1.x", "Stable Diffusion 2.x", "Stable Diffusion XL")
 TINY_SD15_REPORT = "sd1: 4 cross-attention layers (8 key/value projections), context 768, inner widths 320"
@@ -48,7 +48,7 @@ def test_pack_registers_its_nodes_with_comfyui(comfy):
 
 def test_tiny_checkpoint_loads_as_sd15_through_checkpoint_loader(tiny_sd15):
     model, clip, vae = tiny_sd15
-    comfy_models = pack_module("nodes.comfy_models")
+    comfy_models = pack().nodes.comfy_models
     assert type(model.model.model_config).__name__ == "SD15"
     assert comfy_models.family_of(model) == "sd1"
     assert type(vae.first_stage_model).__name__ == "TAESD"
@@ -112,14 +112,14 @@ def test_model_info_execute_can_be_called_directly(sdxl_model):
 
 
 def test_family_of_maps_comfyui_model_configs(sd2_model, sdxl_model, flux_model):
-    comfy_models = pack_module("nodes.comfy_models")
+    comfy_models = pack().nodes.comfy_models
     assert [comfy_models.family_of(m) for m in (sd2_model, sdxl_model, flux_model)] == ["sd2", "sdxl", "Flux"]
     assert comfy_models.unet_of(sd2_model) is sd2_model.model.diffusion_model
 
 
 def test_unsupported_family_is_refused_naming_it_and_the_supported_ones(flux_model):
-    families = pack_module("ace.families")
-    comfy_models = pack_module("nodes.comfy_models")
+    families = pack().ace.families
+    comfy_models = pack().nodes.comfy_models
     with pytest.raises(families.UnsupportedModelError) as err:
         comfy_models.check_model(flux_model)
     assert "Flux model" in str(err.value)

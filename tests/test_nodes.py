@@ -1,13 +1,14 @@
 """The ACE nodes in the real ComfyUI executor, on the tiny SD1.5 checkpoint and in-memory models."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
 import pytest
 import torch
 
-from comfy_harness import GraphError, in_memory_model_node, pack_module, run_graph
+from comfy_harness import GraphError, in_memory_model_node, pack, run_graph
 
 CONCEPT = "van gogh: vincent van gogh"
 
@@ -64,7 +65,7 @@ def test_erase_concept_changes_the_concept_and_leaves_the_input_model_alone(tiny
     assert unrelated_change < 0.1 * concept_change
     erasure = result.outputs["2"][1]
     assert [c.target for c in erasure.request.concepts] == ["van gogh"]
-    assert erasure.info["stage1_seconds"] > 0 and erasure.info["num_res_blocks"] == 1
+    assert erasure.info["stage1_seconds"] > 0 and erasure.num_res_blocks == 1
 
 
 def test_rerunning_unchanged_graph_reuses_the_erasure(tiny_sd15_name):
@@ -130,8 +131,8 @@ def test_save_load_apply_and_lora_export(tiny_sd15_name, tiny_sd15, comfy):
     lora = comfy.utils.load_torch_file(folder_paths.get_full_path("loras", "test_vg_lora.safetensors"), safe_load=True)
     lora_model, _ = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 0.0)
     assert len(lora_model.patches) == 2 * 4  # every to_k / to_v of the tiny UNet
-    open_gate = pack_module("ace.erasure").Erasure(erasure.family, erasure.request, _open(erasure.adapter), erasure.info)
-    gated_model = pack_module("nodes.comfy_models").with_erasure(model, open_gate, 1.0)
+    open_gate = dataclasses.replace(erasure, adapter=_open(erasure.adapter))
+    gated_model = pack().nodes.comfy_models.with_erasure(model, open_gate, 1.0)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([2.0])
     context = clip.encode_from_tokens(clip.tokenize("a painting by van gogh"))
@@ -156,21 +157,15 @@ def _open(adapter):
 def test_other_families_erase_and_apply_in_memory(sd2_model, sdxl_model, comfy):
     """SD2.x and SDXL: stages 1 and 2 on their cross-attention layers (a toy text encoder of their
     width stands in for OpenCLIP / CLIP-L+G), then the erased clone samples."""
-    ace_erasure = pack_module("ace.erasure")
-    comfy_models = pack_module("nodes.comfy_models")
+    ace_erasure = pack().ace.erasure
+    comfy_models = pack().nodes.comfy_models
     toys = __import__("toys")
     for model, family, width in ((sd2_model, "sd2", 1024), (sdxl_model, "sdxl", 2048)):
         projections = comfy_models.check_model(model)
         assert comfy_models.family_of(model) == family and projections[0].in_features == width
-        request = pack_module("ace.concepts").parse_request("snoopy", "a dog", "")
-        sample_sigmas, train_sigmas = comfy_models.training_sigmas(model)
-        erasure = ace_erasure.erase(
-            toys.ToyTextEncoder(width=width, length=77), family, projections,
-            comfy_models.projection_weights(model, projections), request,
-            training=pack_module("ace.finetune").FinetuneConfig(steps=2),
-            attach=lambda adapter: comfy_models.attached_for_training(model, adapter),
-            latent_shape=(4, 8, 8), sample_sigmas=sample_sigmas, train_sigmas=train_sigmas,
-        )
+        request = pack().ace.concepts.parse_request("snoopy", "a dog", "")
+        network = comfy_models.model_network(model, toys.ToyTextEncoder(width=width, length=77), resolution=64)
+        erasure = ace_erasure.erase(network, request, training=pack().ace.finetune.FinetuneConfig(steps=2))
         assert len(erasure.info["history"]) == 2
         assert all(math.isfinite(v) for h in erasure.info["history"] for v in h.values())
         erased = comfy_models.with_erasure(model, erasure, 1.0)
@@ -187,7 +182,7 @@ def test_other_families_erase_and_apply_in_memory(sd2_model, sdxl_model, comfy):
         # the portable LoRA's keys (diffusers names for SD2, LDM names for SDXL) all map in ComfyUI
         import comfy.sd
 
-        lora = pack_module("ace.files").lora_state_dict(erasure, comfy_models.num_res_blocks(model))
+        lora = pack().ace.files.lora_state_dict(erasure)
         lora_model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
         assert len(lora_model.patches) == len(projections)
 
@@ -300,8 +295,8 @@ def test_cancel_stops_fine_tuning_within_a_step_and_leaves_the_model_clean(tiny_
     model = tiny_sd15[0]
 
     def runs_a_trainable_adapter(forward) -> bool:
-        while hasattr(forward, "adapter"):  # an ACE forward (others: ComfyUI's restored originals)
-            if any(p.requires_grad for p in forward.adapter.parameters()):
+        while hasattr(forward, "edit"):  # an ACE forward (others: ComfyUI's restored originals)
+            if any(p.requires_grad for p in forward.edit.parameters()):
                 return True
             forward = forward.inner
         return False
@@ -336,7 +331,7 @@ def test_weights_come_from_the_model_not_from_another_clone_loaded_in_memory(tin
     erasure must still be solved against this MODEL's own weights."""
     import comfy.model_management
 
-    comfy_models = pack_module("nodes.comfy_models")
+    comfy_models = pack().nodes.comfy_models
     model = tiny_sd15[0]
     projections = comfy_models.check_model(model)
     name = projections[0].name
@@ -368,16 +363,10 @@ def test_half_precision_comfy_model_trains_and_samples(comfy, dtype):
 
     model = tiny_sd2_model(dtype=dtype)
     assert model.model.get_dtype() == dtype
-    comfy_models = pack_module("nodes.comfy_models")
-    projections = comfy_models.check_model(model)
-    sample_sigmas, train_sigmas = comfy_models.training_sigmas(model)
-    erasure = pack_module("ace.erasure").erase(
-        __import__("toys").ToyTextEncoder(width=1024, length=77), "sd2", projections,
-        comfy_models.projection_weights(model, projections), pack_module("ace.concepts").parse_request("snoopy", "a dog"),
-        training=pack_module("ace.finetune").FinetuneConfig(steps=2),
-        attach=lambda adapter: comfy_models.attached_for_training(model, adapter),
-        latent_shape=(4, 8, 8), sample_sigmas=sample_sigmas, train_sigmas=train_sigmas,
-    )
+    comfy_models = pack().nodes.comfy_models
+    network = comfy_models.model_network(model, __import__("toys").ToyTextEncoder(width=1024, length=77), resolution=64)
+    erasure = pack().ace.erasure.erase(network, pack().ace.concepts.parse_request("snoopy", "a dog"),
+                                       training=pack().ace.finetune.FinetuneConfig(steps=2))
     assert all(math.isfinite(v) for h in erasure.info["history"] for v in h.values())
     assert erasure.adapter.lora_down[0].dtype == torch.float32
     x, sigma = torch.randn(1, 4, 8, 8), torch.tensor([1.0])

@@ -1,25 +1,25 @@
-"""The benchmark's toy model loads as ComfyUI objects and draws what it is asked for.
+"""The toy models load as ComfyUI objects and draw what they are asked for.
 
-Loads the committed weights (benchmark/weights/), samples with ComfyUI's own sampler and asks the
-committed benchmark classifier what it sees. Runs on the CPU in well under a minute.
+Loads the committed weights (toy/weights/), samples with ComfyUI's own sampler and asks the
+committed classifier what it sees. Runs on the CPU in well under a minute.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
+from comfy_harness import pack
+from toy import world
+from toy.classifier import classify, load_classifier
+
 
 @pytest.fixture(scope="module")
-def toy():
-    from benchmark import toy_comfy
-
-    return toy_comfy.load_toy_model()
+def toy(comfy):
+    return pack().toy.model.load_toy_model("bidirectional")
 
 
 @pytest.fixture(scope="module")
 def classifier():
-    from benchmark.classifier import load_classifier
-
     return load_classifier()
 
 
@@ -27,13 +27,11 @@ def test_toy_model_is_an_ace_toy_comfy_model(toy):
     import comfy.model_base
     import comfy.model_patcher
 
-    from benchmark import toy_comfy
-
     model, clip, vae = toy
     assert isinstance(model, comfy.model_patcher.ModelPatcher)
     assert isinstance(model.model, comfy.model_base.BaseModel)
     assert type(model.model.model_config).__name__ == "AceToy"
-    assert toy_comfy.model_family(model) == "ace-toy"
+    assert pack().nodes.comfy_models.family_of(model) == "ace-toy"
     assert model.get_model_object("latent_format").latent_channels == 3
 
 
@@ -56,13 +54,10 @@ def test_pixel_vae_round_trip(toy):
 
 
 def test_comfy_sampler_draws_the_prompted_shapes(toy, classifier):
-    from benchmark import toy_comfy, world
-    from benchmark.classifier import classify
-
     model, clip, vae = toy
     prompts = [world.Prompt(f"a {c} {o}", o, c, None)
                for o, c in zip(world.OBJECTS * 2, world.COLOURS * 4)]
-    images = toy_comfy.generate(model, clip, [p.text for p in prompts], seed=0)
+    images = pack().toy.model.generate(model, clip, [p.text for p in prompts], seed=0)
     assert images.shape == (len(prompts), 3, 16, 16)
     pred = classify(classifier, images)
     objects = sum(p == q.object for p, q in zip(pred["object"], prompts)) / len(prompts)

@@ -1,7 +1,7 @@
 """ACE Load Toy Model (demo): the toy model as a node, in graphs with ComfyUI's own nodes.
 
 The graphs run through ComfyUI's executor with the pack loaded by ComfyUI's loader, so the node's
-relative import of the pack's `benchmark/` is the one a user's ComfyUI makes.
+relative import of the pack's `toy/` is the one a user's ComfyUI makes.
 """
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 from comfy_harness import GraphError, run_graph
+from toy import world
+from toy.classifier import classify, load_classifier
 
-TOY = {"class_type": "ACEErasure_LoadToyModel", "inputs": {}}
+TOY = {"class_type": "ACEErasure_LoadToyModel", "inputs": {"text_encoder": "bidirectional"}}
 # An output node, so that ComfyUI runs the loader.
 INFO = {"class_type": "ACEErasure_ModelInfo", "inputs": {"model": ["toy", 0], "clip": ["toy", 1]}}
 
@@ -46,8 +48,6 @@ def test_loader_outputs_the_toy_model_clip_and_vae(comfy):
 
 @pytest.mark.slow
 def test_comfy_samplers_vae_decode_save_and_preview_take_the_toy(comfy):
-    from benchmark.classifier import classify, load_classifier
-
     graph = {
         "toy": TOY,
         "positive": text("a blue striped circle"),
@@ -77,9 +77,6 @@ def test_comfy_samplers_vae_decode_save_and_preview_take_the_toy(comfy):
 
 @pytest.mark.slow
 def test_erase_concept_on_the_toy_takes_the_entity_away(comfy):
-    from benchmark import world
-    from benchmark.classifier import classify, load_classifier
-
     graph = {
         "toy": TOY,
         "positive": text("a picture of Brontel"),

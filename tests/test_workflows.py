@@ -11,6 +11,7 @@ import re
 import pytest
 from PIL import Image
 
+import toy
 from runner.workflows import (
     CHECKPOINT,
     executed_nodes,
@@ -90,8 +91,6 @@ def test_workflow_has_a_note_saying_which_model_and_what_to_change(path):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem.split(" - ")[0])
 def test_workflow_defaults_are_for_real_use(path):
-    from benchmark.toy_comfy import DEFAULT_SAMPLER
-
     nodes = load(path)["nodes"]
     on_toy = uses_toy_model(load(path))
     for node in nodes:
@@ -100,7 +99,7 @@ def test_workflow_defaults_are_for_real_use(path):
             assert values[:2] == [128, 128]  # the toy model's 16x16 grid
         elif on_toy and node["type"] == "KSampler":
             seed, control, *settings = values[:6]
-            assert control == "fixed" and settings == [DEFAULT_SAMPLER[k] for k in ("steps", "cfg", "sampler_name", "scheduler")]
+            assert control == "fixed" and settings == [toy.SAMPLER[k] for k in ("steps", "cfg", "sampler_name", "scheduler")]
         elif on_toy:
             assert node["type"] != "CheckpointLoaderSimple"
         elif node["type"] == "CheckpointLoaderSimple":

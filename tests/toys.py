@@ -11,6 +11,12 @@ import re
 
 import torch
 
+from ace.families import cross_attention_projections
+from ace.network import Network
+
+SAMPLE_SIGMAS = torch.tensor([10.0, 5.0, 2.5, 1.2, 0.6, 0.3, 0.0])
+TRAIN_SIGMAS = SAMPLE_SIGMAS[1:-1]
+
 
 def _word_vector(word: str, width: int) -> torch.Tensor:
     seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
@@ -93,3 +99,15 @@ class ToyUNet(torch.nn.Module):
         for block in self.blocks:
             tokens = block(tokens, context)
         return x - sigma.view(-1, 1, 1, 1) * self.proj_out(tokens.transpose(1, 2).reshape(b, -1, h, w))
+
+
+def toy_network(unet: ToyUNet, encoder: ToyTextEncoder, family: str = "ace-toy") -> Network:
+    """The stand-ins as ACE's `Network` (as `nodes/comfy_models.network_of` builds it in ComfyUI)."""
+    projections = cross_attention_projections(unet)
+    modules = dict(unet.named_modules())
+
+    def attach(edit):
+        return edit.attached(unet)  # yields the network, a denoiser D(x, sigma, context) already
+
+    return Network(family, projections, {p.name: modules[p.name].weight for p in projections}, encoder, attach,
+                   latent_shape=(4, 8, 8), sample_sigmas=SAMPLE_SIGMAS, train_sigmas=TRAIN_SIGMAS, num_res_blocks=1)

@@ -1,12 +1,12 @@
 """A small CNN that says which object, colour and style a 16x16 picture of the world shows.
 
-Trained on clean renders of `benchmark/world.py` (with a little pixel noise, so that it reads
+Trained on clean renders of `toy/world.py` (with a little pixel noise, so that it reads
 generated pictures too), it is the benchmark's judge: the fraction of a model's generations for a
 concept's prompts that it recognises as that concept.
 
-    python -m benchmark.classifier --threads 1          # train, test on held-out renders, save
+    python -m toy.classifier --threads 1          # train, test on held-out renders, save
 
-The weights are `benchmark/weights/classifier.safetensors`; `load_classifier()` reads them and
+The weights are `toy/weights/classifier.safetensors`; `load_classifier()` reads them and
 `classify(net, images)` returns the predicted object, colour and style names.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmark import world
+from . import world
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "classifier.safetensors"
 REPORT = Path(__file__).resolve().parent / "weights" / "classifier.json"
@@ -69,6 +69,13 @@ def classify(net: WorldClassifier, images: torch.Tensor) -> dict[str, list[str]]
     net.eval()
     logits = net(images.float().clamp(0, 1))
     return {k: [HEADS[k][i] for i in v.argmax(1).tolist()] for k, v in logits.items()}
+
+
+def shows(pred: dict[str, list[str]], i: int, prompt: world.Prompt, kind: str) -> bool:
+    """Whether picture `i` of `classify`'s predictions shows the concept of `kind` the prompt asks
+    for: that attribute, or for an entity all three of its attributes."""
+    keys = ("object", "colour", "style") if kind == "entity" else (kind,)
+    return all(pred[k][i] == getattr(prompt, k) for k in keys)
 
 
 @torch.no_grad()
@@ -126,7 +133,7 @@ def load_classifier(path: Path | str = WEIGHTS) -> WorldClassifier:
 
     if not Path(path).exists():
         raise FileNotFoundError(f"The benchmark classifier's weights are missing at {path}; "
-                                "run `python -m benchmark.classifier` to train them.")
+                                "run `python -m toy.classifier` to train them.")
     net = WorldClassifier()
     net.load_state_dict(load_file(str(path)))
     return net.eval()
@@ -154,7 +161,7 @@ def main() -> None:
         "train_steps": args.steps,
         "train_seconds": round(train_s, 1),
         "threads": torch.get_num_threads(),
-        "command": "python -m benchmark.classifier" + (f" --threads {args.threads}" if args.threads else ""),
+        "command": "python -m toy.classifier" + (f" --threads {args.threads}" if args.threads else ""),
     }
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
 

