@@ -53,6 +53,11 @@ class ProjectionEdit(torch.nn.Module):
         """What is added to projection `index`'s output for input tokens `x` `[..., d]`."""
         raise NotImplementedError
 
+    def weight_delta(self, index: int) -> torch.Tensor:
+        """The edit of projection `index` as a change of its weight (`d_out × d`), where it is
+        linear in the input (what baking writes into the weights)."""
+        raise NotImplementedError
+
     def patched_forwards(self, modules: dict[str, torch.nn.Module], prefix: str = "", existing: dict | None = None) -> dict:
         """`{prefix + name + ".forward": callable}` for every projection: ComfyUI object patches.
 
@@ -62,7 +67,7 @@ class ProjectionEdit(torch.nn.Module):
         patches = {}
         for i, p in enumerate(self.projections):
             key = f"{prefix}{p.name}.forward"
-            patches[key] = _PatchedForward(self, i, modules[p.name], existing.get(key))
+            patches[key] = PatchedForward(self, i, modules[p.name], existing.get(key))
         return patches
 
     @contextlib.contextmanager
@@ -93,9 +98,10 @@ class ProjectionEdit(torch.nn.Module):
             self.enabled = previous
 
 
-class _PatchedForward:
-    """Replacement `forward` of one projection. A plain callable, not a Module, so that setting it
-    on the projection does not register it as a sub-module."""
+class PatchedForward:
+    """Replacement `forward` of one projection: the forward underneath (`inner`, another patch, or
+    the layer's own) plus the edit. A plain callable, not a Module, so that setting it on the
+    projection does not register it as a sub-module."""
 
     def __init__(self, edit: ProjectionEdit, index: int, module: torch.nn.Module, inner=None):
         self.edit, self.index, self.module, self.inner = edit, index, module, inner
@@ -182,6 +188,11 @@ class GatedAdapter(ProjectionEdit):
         B = self._like(self.lora_up[index], x)
         z = einsum(x, A, "... d, k r d -> ... k r") * (g * self.strength).unsqueeze(-1)
         return einsum(z, B, "... k r, k o r -> ... o")
+
+    def weight_delta(self, index: int) -> torch.Tensor:
+        """strength · Σ_k B_k A_k: the edit with every gate open, as a weight change (float32)."""
+        A, B = self.lora_down[index].detach().float(), self.lora_up[index].detach().float()
+        return self.strength * einsum(B, A, "k o r, k r d -> o d")
 
 
 def gate_score(centered: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,9 @@ erased, plus its timings. The input MODEL is never changed.
     ace_no_adv       stages 1-2 without the adversarial term (α = 0)
     ace_token_gate   stages 0-2 with the gate decided token by token (as for SD's causal CLIP) instead
                      of per prompt (the toy's MiniLM reads in both directions)
-    ace_lora_export  `ace`'s erasure exported as the portable LoRA (gate open) and loaded the way
-                     ComfyUI's LoraLoader loads it
+    ace_baked        `ace`'s erasure baked into the weights (ACE Bake Erasure: every gate open), what a
+                     saved erased checkpoint holds; the same model as the exported LoRA loaded by
+                     ComfyUI's LoraLoader (tests/test_bake.py checks the two agree)
     uce              Unified Concept Editing: the same token sets and closed-form objective as
                      stage 1, solved at full rank with no gate, written into the weights
     esd_x            Erased Stable Diffusion, cross-attention variant: the key/value weights
@@ -35,7 +36,7 @@ ESD_STEPS = 100  # about ACE's stage-2 time: an ESD step is one backward pass, a
 ESD_LEARNING_RATE = 1e-3
 ESD_GUIDANCE = 1.0  # η of ESD's negative guidance
 
-METHODS = ("ace", "ace_stage1", "ace_ungated", "ace_no_adv", "ace_token_gate", "ace_lora_export", "uce", "esd_x")
+METHODS = ("ace", "ace_stage1", "ace_ungated", "ace_no_adv", "ace_token_gate", "ace_baked", "uce", "esd_x")
 
 
 @dataclass
@@ -82,15 +83,10 @@ def ace(model, clip, request, steps: int | None = None, adversarial: bool = True
     return Erased(comfy_models.with_erasure(model, erasure, 1.0), stage1, stage2, erasure)
 
 
-def lora_export(model, erased: Erased) -> Erased:
-    """The portable LoRA of an ACE erasure, loaded as ComfyUI's LoraLoader does."""
-    import comfy.sd
-
-    lora = host.start().ace.files.lora_state_dict(erased.erasure)
-    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
-    if len(patched.patches) != len(erased.erasure.projections):
-        raise RuntimeError(f"ComfyUI mapped {len(patched.patches)} of the LoRA's layers, not all of them")
-    return Erased(patched, erased.stage1_seconds, erased.stage2_seconds, erased.erasure)
+def baked(erased: Erased) -> Erased:
+    """An ACE erasure written into the weights, gate open, as ACE Bake Erasure does before saving."""
+    return Erased(host.start().nodes.comfy_models.baked(erased.model), erased.stage1_seconds, erased.stage2_seconds,
+                  erased.erasure)
 
 
 # --- UCE -----------------------------------------------------------------------------------------
@@ -134,6 +130,9 @@ def weight_deltas(projections):
 
         def delta(self, index, x):
             return torch.nn.functional.linear(x, self.deltas[index].to(x))
+
+        def weight_delta(self, index):
+            return self.deltas[index].detach().float()
 
     return WeightDeltas()
 
@@ -189,7 +188,7 @@ def esd_x(model, clip, request, steps: int = ESD_STEPS, learning_rate: float = E
 def run_method(name: str, model, clip, request, ace_erased: Erased | None = None, quick: bool = False) -> Erased:
     """Erase `request` from the toy MODEL with method `name` (see METHODS).
 
-    `ace_lora_export` exports `ace_erased` (the `ace` result for the same request) when given, so
+    `ace_baked` bakes `ace_erased` (the `ace` result for the same request) when given, so
     the two share one training run; `quick` shortens every training run (for testing the harness)."""
     steps = 8 if quick else None
     if name == "ace":
@@ -202,8 +201,8 @@ def run_method(name: str, model, clip, request, ace_erased: Erased | None = None
         return ace(model, clip, request, steps, adversarial=False)
     if name == "ace_token_gate":
         return ace(model, clip, request, steps, gate_scope="token")
-    if name == "ace_lora_export":
-        return lora_export(model, ace_erased or ace(model, clip, request, steps))
+    if name == "ace_baked":
+        return baked(ace_erased or ace(model, clip, request, steps))
     if name == "uce":
         return uce(model, clip, request)
     if name == "esd_x":

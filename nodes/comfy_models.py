@@ -15,7 +15,7 @@ import comfy.model_management
 import comfy.samplers
 import torch
 
-from ..ace.adapter import ProjectionEdit
+from ..ace.adapter import PatchedForward, ProjectionEdit
 from ..ace.erasure import Erasure
 from ..ace.families import Projection, check_family, cross_attention_projections
 from ..ace.finetune import autograd_safe
@@ -169,18 +169,70 @@ def model_network(model_patcher, encoder: TextEncoder, resolution: int | None = 
     )
 
 
+class UnbakedErasureError(ValueError):
+    """An erased MODEL went to a saver: its erasure lives in its forward, not in its weights."""
+
+
+class RefuseUnbakedSave:
+    """Stands in for the model's `state_dict_for_saving` while an erased MODEL is loaded, so that
+    Save Checkpoint, Save Model and every saver that goes through ComfyUI's `save_checkpoint` stop
+    with a clear error instead of writing the original, un-erased weights. (The gated edit replaces
+    each projection's forward; savers only see weights.)"""
+
+    def __call__(self, *args, **kwargs):
+        raise UnbakedErasureError(
+            "This MODEL carries an ACE erasure, which acts in the model's forward pass, not in its weights: "
+            "saving it would write the original model with the concepts intact. Put ACE Bake Erasure between "
+            "the erased MODEL and the saver to write the erasure into the weights (gate open), or keep the "
+            "gated erasure as a file with ACE Save Erasure.")
+
+
+SAVE_GUARD = "state_dict_for_saving"  # the object patch that holds a RefuseUnbakedSave
+
+
 def with_erasure(model_patcher, erasure: Erasure, strength: float):
     """A clone of the MODEL whose cross-attention projections run the gated edit.
 
     The edit is a set of object patches (each projection's `forward`), which ComfyUI applies when
     it loads this clone and removes when it unloads it: the input MODEL, and every other branch of
-    the graph, stay as they were. Weight patches such as LoRAs keep working underneath.
+    the graph, stay as they were. Weight patches such as LoRAs keep working underneath. Savers
+    refuse the clone until it is `baked` (see `RefuseUnbakedSave`).
     """
     erasure.check_fits(family_of(model_patcher), check_model(model_patcher))
     adapter = copy.deepcopy(erasure.adapter)
     adapter.strength = strength
     adapter.requires_grad_(False)
-    return patched_clone(model_patcher, adapter)
+    clone = patched_clone(model_patcher, adapter)
+    clone.add_object_patch(SAVE_GUARD, RefuseUnbakedSave())
+    return clone
+
+
+def baked(model_patcher):
+    """A clone of an erased MODEL with every ACE edit on it written into its weights, gate open:
+    each projection's chain of ACE forwards is taken off and its edits added as weight patches
+    (ΔW = strength · Σ_k B_k A_k), which ComfyUI's savers write. Other patches stay as they were."""
+    clone = model_patcher.clone()
+    found = False
+    for key, forward in list(clone.object_patches.items()):
+        edits, underneath = [], forward
+        while isinstance(underneath, PatchedForward):
+            edits.append((underneath.edit, underneath.index))
+            underneath = underneath.inner
+        if not edits:
+            continue
+        found = True
+        if underneath is None:
+            del clone.object_patches[key]
+        else:
+            clone.object_patches[key] = underneath
+        delta = sum(edit.weight_delta(index) for edit, index in edits if edit.active)
+        if torch.is_tensor(delta):
+            clone.add_patches({key.removesuffix(".forward") + ".weight": (delta,)}, 1.0)
+    if not found:
+        raise ValueError("This MODEL carries no ACE erasure to bake: connect the MODEL output of ACE Erase Concept "
+                         "or ACE Apply Erasure.")
+    clone.object_patches.pop(SAVE_GUARD, None)
+    return clone
 
 
 def patched_clone(model_patcher, edit: ProjectionEdit):

@@ -1,8 +1,9 @@
-"""Nodes that save, load and export erasures.
+"""Nodes that save, load, export and bake erasures.
 
 Erasures live in ComfyUI's `models/ace_erasures/` (registered with folder_paths, so
 extra_model_paths.yaml can add more folders); portable LoRAs go to `models/loras/`, where
-ComfyUI's own LoraLoader finds them.
+ComfyUI's own LoraLoader finds them. A baked MODEL carries its erasure in its weights, so that
+ComfyUI's Save Checkpoint writes an erased checkpoint.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..ace.adapter import check_strength
 from ..ace.files import check_file_name, export_lora, load_erasure, save_erasure
+from .comfy_models import baked
 from .erase import Erasure_
 
 FOLDER = "ace_erasures"
@@ -109,4 +111,26 @@ class ExportLoRA(io.ComfyNode):
         return io.NodeOutput(name, ui=ui.PreviewText(f"exported {name} to models/loras"))
 
 
-FILE_NODES = [SaveErasure, LoadErasure, ExportLoRA]
+class BakeErasure(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ACEErasure_Bake",
+            display_name="ACE Bake Erasure",
+            category="ACE",
+            description=(
+                "Write the erasures of an erased MODEL into its weights, so that Save Checkpoint (and every "
+                "node that saves or merges weights) keeps them. Baking opens the gate: the edit then also "
+                "shifts prompts unrelated to the concepts a little, as the exported LoRA does. Savers refuse "
+                "an erased MODEL that is not baked."
+            ),
+            inputs=[io.Model.Input("model", tooltip="A MODEL out of ACE Erase Concept or ACE Apply Erasure (not changed).")],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The same erasures in the weights, at the strength they were applied with; connect it to Save Checkpoint.")],
+        )
+
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
+        return io.NodeOutput(baked(model))
+
+
+FILE_NODES = [SaveErasure, LoadErasure, ExportLoRA, BakeErasure]

@@ -113,10 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where to run (default: the GPU if torch sees one)")
     how.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
 
-    out = erase.add_argument_group("outputs (at least one of --erasure, --lora)")
+    out = erase.add_argument_group("outputs (at least one of --erasure, --lora, --bake)")
     out.add_argument("--erasure", metavar="OUT.safetensors", help="write the ACE erasure (gated, exact)")
     out.add_argument("--lora", metavar="OUT.safetensors",
                      help="write the portable LoRA (kohya keys, gate fixed open: it also shifts unrelated prompts a little)")
+    out.add_argument("--bake", metavar="OUT.safetensors",
+                     help="write the whole erased checkpoint, the erasure baked into its weights (gate open, as the "
+                          "LoRA), as ComfyUI's Save Checkpoint writes it")
     out.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
 
     ev = erase.add_argument_group("evaluation (optional)")
@@ -143,6 +146,7 @@ class Plan:
     preserve: str
     erasure_path: Path | None
     lora_path: Path | None
+    bake_path: Path | None
     eval_prompts: dict | None  # {"erase": [...], "keep": [...], "negative": str}
     eval_dir: Path | None
 
@@ -245,11 +249,14 @@ def check_args(args) -> Plan:
         if value is not None and not math.isfinite(value):
             raise CommandError(f"{option} must be a finite number, got {value}")
 
-    if args.erasure is None and args.lora is None:
-        raise CommandError("nothing to write: give --erasure OUT.safetensors and/or --lora OUT.safetensors")
+    if args.erasure is None and args.lora is None and args.bake is None:
+        raise CommandError("nothing to write: give --erasure, --lora and/or --bake OUT.safetensors")
+    if args.bake is not None and checkpoint is None:
+        raise CommandError("--bake writes a checkpoint: give a checkpoint file to erase from, not --toy")
     taken = {"the checkpoint": checkpoint} if checkpoint is not None else {}
     erasure_path = _output_path("--erasure", args.erasure, args.overwrite, taken) if args.erasure else None
     lora_path = _output_path("--lora", args.lora, args.overwrite, taken) if args.lora else None
+    bake_path = _output_path("--bake", args.bake, args.overwrite, taken) if args.bake else None
 
     prompts = eval_dir = None
     if (args.eval is None) != (args.eval_dir is None):
@@ -266,7 +273,7 @@ def check_args(args) -> Plan:
             raise CommandError(f"--eval-dir {eval_dir} already holds {existing[0]}; pass --overwrite to replace it")
     name = f"'{checkpoint.name}'" if checkpoint is not None else f"the {args.toy} toy model"
     return Plan(checkpoint, args.toy, name, concepts, args.anchor, args.preserve.replace("\\n", "\n"),
-                erasure_path, lora_path, prompts, eval_dir)
+                erasure_path, lora_path, bake_path, prompts, eval_dir)
 
 
 # --- the work ---------------------------------------------------------------------------------------
@@ -389,7 +396,7 @@ def run_erase(args, plan: Plan) -> None:
     settings = sampler_settings(args, toy_model=plan.checkpoint is None) if plan.eval_prompts is not None else None
 
     print(f"loading {plan.model_name}", flush=True)
-    model, clip, vae = load_model(pack, plan, need_vae=plan.eval_prompts is not None)
+    model, clip, vae = load_model(pack, plan, need_vae=plan.eval_prompts is not None or plan.bake_path is not None)
     try:
         projections = comfy_models.check_model(model, plan.model_name)
     except ace.families.UnsupportedModelError as e:
@@ -427,6 +434,13 @@ def run_erase(args, plan: Plan) -> None:
     if plan.lora_path is not None:
         _write(plan.lora_path, lambda f: ace.files.export_lora(erasure, f, strength))
         print(f"wrote the LoRA {plan.lora_path} ({_size(plan.lora_path)})", flush=True)
+    if plan.bake_path is not None:
+        import comfy.sd
+
+        baked_model = comfy_models.baked(comfy_models.with_erasure(model, erasure, strength))
+        metadata = {"ace_baked_erasure": json.dumps(erasure.request.to_json()), "ace_strength": str(strength)}
+        _write(plan.bake_path, lambda f: comfy.sd.save_checkpoint(f, baked_model, clip, vae, metadata=metadata))
+        print(f"wrote the erased checkpoint {plan.bake_path} ({_size(plan.bake_path)})", flush=True)
 
     if plan.eval_prompts is not None:
         erased_model = comfy_models.with_erasure(model, erasure, strength)

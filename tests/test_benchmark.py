@@ -106,8 +106,8 @@ def test_quick_run_writes_every_result_and_the_untouched_model_passes(comfy, tmp
         assert m["fid_preserve"] >= 0 and m["stage1_s_per_concept"] > 0 and m["stage2_s_per_concept"] >= 0
     assert on_disk["methods"]["ace_stage1"]["stage2_s_per_concept"] == 0
     assert on_disk["methods"]["ace"]["stage2_s_per_concept"] > 0
-    # the LoRA export is the fine-tuned erasure with its gate open: not the same model as `ace`
-    assert on_disk["methods"]["ace_lora_export"]["fid_preserve"] != on_disk["methods"]["ace"]["fid_preserve"]
+    # the baked model is the fine-tuned erasure with its gate open: not the same model as `ace`
+    assert on_disk["methods"]["ace_baked"]["fid_preserve"] != on_disk["methods"]["ace"]["fid_preserve"]
     assert [(r["method"], r["n_concepts"]) for r in on_disk["scaling"]] == [("ace", 3)]
     assert "cores" in on_disk["machine"]
 

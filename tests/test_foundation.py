@@ -26,7 +26,7 @@ def test_pack_registers_its_nodes_with_comfyui(comfy):
     assert sorted(comfy.node_ids) == sorted([
         "ACEErasure_EraseConcept", "ACEErasure_ConceptList", "ACEErasure_ClosedForm", "ACEErasure_FineTune",
         "ACEErasure_Apply", "ACEErasure_Save", "ACEErasure_Load", "ACEErasure_ExportLoRA", "ACEErasure_ModelInfo",
-        "ACEErasure_LoadToyModel",
+        "ACEErasure_LoadToyModel", "ACEErasure_Bake",
     ])
     for node_id in comfy.node_ids:  # every node: category ACE, a description, tooltips everywhere
         schema = nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA()

@@ -25,7 +25,7 @@ from runner.workflows import (
 )
 
 WORKFLOWS = shipped()
-SAVES_FILES = "ACE 3a - Save erasure and LoRA"
+SAVES_FILES = "ACE 3a - Save, export and bake"
 SAVED_ERASURE = "van_gogh.safetensors"
 EXPORTED_LORA = "van_gogh_lora.safetensors"
 
@@ -36,7 +36,7 @@ SAVED_IMAGES = {
     "ACE 0 - Demo on the toy model": [(16, 16)] * 32,
     "ACE 1 - Erase, before and after": [(144, 64)],
     "ACE 2 - Erase several concepts": [(144, 224)],
-    "ACE 3a - Save erasure and LoRA": [],
+    "ACE 3a - Save, export and bake": [],
     "ACE 3b - Load erasure or LoRA": [(224, 64)],
     "ACE 4 - In a text-to-image graph": [(64, 64)],
     "ACE 5 - Step by step": [(224, 64)],
@@ -197,5 +197,7 @@ def test_workflow_runs_on_the_server_with_the_tiny_model(name, comfy_server, obj
         models = comfy_server.base_dir / "models"
         assert (models / "ace_erasures" / SAVED_ERASURE).is_file()
         assert (models / "loras" / EXPORTED_LORA).is_file()
+        # the baked, erased checkpoint, written by ComfyUI's own Save Checkpoint
+        assert list((comfy_server.base_dir / "output" / "checkpoints").glob("no_van_gogh_*.safetensors"))
         texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
         assert f"saved {SAVED_ERASURE}" in texts and f"exported {EXPORTED_LORA} to models/loras" in texts

@@ -299,6 +299,10 @@ class ToyPixelVAE:
     def temporal_compression_decode(self):
         return None
 
+    def get_sd(self) -> dict:
+        """Nothing to save: Save Checkpoint on the toy model writes its UNet and text encoder."""
+        return {}
+
 
 def load_toy_model(name: str = DEFAULT_VARIANT, path: Path | str | None = None):
     """(model_patcher, clip, vae) of a trained toy model, like CheckpointLoaderSimple's outputs."""
