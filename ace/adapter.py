@@ -2,15 +2,18 @@
 
 For a projection `W` and a text token embedding `e`, the edited layer computes
 
-    W e + strength · Σ_c g_c(e) · B_c A_c e
+    W e + strength · g(e) · B A e,        g(e) = max_c g_c(e)
 
-where concept `c` owns a low-rank pair `(A_c, B_c)` per projection and one gate shared by all
-layers. The gate `g_c(e) = sigmoid((s_c(e) − τ_c) / T_c)` looks at `s_c(e)`, the log of the mean
-squared coordinate of the centred embedding along the concept's directions `U_c` (directions
-where concept tokens vary far more than preserve tokens, scaled to unit preserve variance), so it
-fires on concept-like tokens and stays shut on everything else. All concepts are stacked into one batched operation.
-With `gate_scope = "prompt"` (text encoders that read in both directions, see
-`families.GATE_SCOPES`), every position of a prompt `[B, L, d]` uses the prompt's largest gate.
+with one low-rank pair `(A, B)` per projection, solved for all the request's concepts together
+(stage 1), and one gate per concept shared by all layers. The gate of concept `c`,
+`g_c(e) = sigmoid((s_c(e) − τ_c) / T_c)`, looks at `s_c(e)`, the log of the mean squared coordinate
+of the centred embedding along the concept's directions `U_c` (directions where concept tokens
+vary far more than preserve tokens, scaled to unit preserve variance), so it fires on
+concept-like tokens and stays shut on everything else. The largest gate decides how much of the
+edit a token gets ("routing"): two concepts whose gates both fire on a token never add their edits
+up, and a token no gate opens on goes through the original weights. With `gate_scope = "prompt"`
+(text encoders that read in both directions, see `families.GATE_SCOPES`), every position of a
+prompt `[B, L, d]` uses the prompt's largest gate.
 
 The adapter is plain torch. Like every `ProjectionEdit` (the benchmark's ESD-x weight deltas are
 another), it attaches to a network by replacing the `forward` of each projection module
@@ -124,15 +127,15 @@ class GatedAdapter(ProjectionEdit):
         gate_center: torch.Tensor,  # [K, d]
         gate_threshold: torch.Tensor,  # [K]
         gate_log_temperature: torch.Tensor,  # [K]
-        lora_down: list[torch.Tensor],  # per projection [K, r, d]   (A)
-        lora_up: list[torch.Tensor],  # per projection [K, d_out, r]  (B)
+        lora_down: list[torch.Tensor],  # per projection [r, d]   (A)
+        lora_up: list[torch.Tensor],  # per projection [d_out, r]  (B)
         gate_scope: str = "token",  # or "prompt": see families.GATE_SCOPES
     ):
         super().__init__(projections)
         if gate_scope not in ("token", "prompt"):
             raise ValueError(f"gate scope must be 'token' or 'prompt', got {gate_scope!r}")
         self.gate_scope = gate_scope
-        self.register_buffer("gate_basis", gate_basis.float())
+        self.gate_basis = torch.nn.Parameter(gate_basis.float())
         self.register_buffer("gate_center", gate_center.float())
         self.gate_threshold = torch.nn.Parameter(gate_threshold.float())
         self.gate_log_temperature = torch.nn.Parameter(gate_log_temperature.float())
@@ -146,13 +149,13 @@ class GatedAdapter(ProjectionEdit):
         return self.enabled and self.strength != 0
 
     @property
-    def num_slots(self) -> int:
-        """Concepts, or groups of overlapping concepts solved together (see closed_form)."""
+    def num_gates(self) -> int:
+        """One gate per concept of the request."""
         return self.gate_threshold.shape[0]
 
     @property
     def rank(self) -> int:
-        return self.lora_down[0].shape[1]
+        return self.lora_down[0].shape[0]
 
     def _like(self, t: torch.Tensor, x: torch.Tensor, dtype=None) -> torch.Tensor:
         """`t` on x's device (and in `dtype` or x's dtype), cached while `t` does not change."""
@@ -178,21 +181,24 @@ class GatedAdapter(ProjectionEdit):
         temperature = self._like(self.gate_log_temperature, e).exp()
         return torch.sigmoid((s - threshold) / temperature)
 
-    def delta(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """The edit added to projection `index` for input tokens `x` `[..., d]`."""
-        g = self.gate(x)  # [..., L, K]
+    def routed_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """How much of the edit each token gets, `[..., d]` -> `[..., 1]`: the largest gate (over
+        the prompt too, for the prompt scope)."""
+        g = self.gate(x).amax(dim=-1, keepdim=True)
         if self.gate_scope == "prompt" and x.dim() >= 3:  # [B, L, d]: prompts of L tokens
             g = g.amax(dim=-2, keepdim=True)  # the prompt's largest gate, at every position
-        g = g.to(x.dtype)
+        return g
+
+    def delta(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """The edit added to projection `index` for input tokens `x` `[..., d]`."""
+        g = self.routed_gate(x).to(x.dtype) * self.strength
         A = self._like(self.lora_down[index], x)
         B = self._like(self.lora_up[index], x)
-        z = einsum(x, A, "... d, k r d -> ... k r") * (g * self.strength).unsqueeze(-1)
-        return einsum(z, B, "... k r, k o r -> ... o")
+        return ((x @ A.T) * g) @ B.T
 
     def weight_delta(self, index: int) -> torch.Tensor:
-        """strength · Σ_k B_k A_k: the edit with every gate open, as a weight change (float32)."""
-        A, B = self.lora_down[index].detach().float(), self.lora_up[index].detach().float()
-        return self.strength * einsum(B, A, "k o r, k r d -> o d")
+        """strength · B A: the edit with every gate open, as a weight change (float32)."""
+        return self.strength * (self.lora_up[index].detach().float() @ self.lora_down[index].detach().float())
 
 
 def gate_score(centered: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:

@@ -1,20 +1,28 @@
 """Stage 1: the closed-form gated low-rank edit.
 
 For every key/value projection `W` (`d_out × d`), with the rows of `C`, `N`, `P` the concept,
-neutral and preserve embeddings of stage 0 (counts `n`, `n`, `m`), solve
+neutral and preserve embeddings of stage 0 (counts `n`, `n`, `m`) of *every* concept of the
+request stacked, solve
 
     min_ΔW  1/n Σ_i ‖(W + ΔW) c_i − W n_i‖²  +  λ_p/m Σ_j ‖ΔW p_j‖²  +  λ ‖ΔW‖²
 
 whose solution is ΔW = W M with M = (N − C)ᵀC/n · G⁻¹ and G = CᵀC/n + λ_p PᵀP/m + λ I.
-`M` does not depend on `W`, so it is solved once per concept (a linear solve, never an
-inverse) and every layer only truncates `W M` to rank `r` (eq. in `ace-method.md`, stage 1).
+`M` does not depend on `W`, so it is solved once for the request (a linear solve, never an
+inverse) and every layer only truncates `W M` to rank `r × concepts` (eq. in `ace-method.md`,
+stage 1). One joint edit, as UCE solves it: each concept's pairs are fitted knowing the others'
+and the preserve set, instead of one edit per concept summed where their gates overlap.
 
-The gate of a concept looks at the directions where the concept's embeddings have far more
-energy than the preserve embeddings: the top generalized eigenvectors of
-Σ_C u = μ (Σ_P + εI) u. Its threshold and temperature are set in closed form from the energy
-scores of the two sets: 0.95 at the 10th percentile of the concept's own tokens and 0.05 at the
-99.9th percentile of the preserve tokens. Tokens after the concept (which carry it more weakly)
-get a gate between the two, in proportion to how much of the concept they carry.
+Then, for `adversarial_rounds` rounds, the closed-form adversarial embeddings of the concept's
+own tokens against the current edit (`adversarial_embeddings`, as RECE derives them: where an
+attacker would move the concept so that the edited keys and values still reproduce it) join `C`,
+paired with the same neutral embeddings, and the edit is solved again.
+
+Each concept's gate looks at the directions where its tokens (and its adversarial embeddings)
+differ from their neutral counterparts far more than preserve embeddings vary: the top
+generalized eigenvectors of Σ_D u = μ (Σ_P + εI) u. Its threshold and temperature are set in
+closed form from the scores of the two sets: 0.95 at the 10th percentile of the concept's own
+tokens and 0.05 at the 99.9th percentile of the preserve tokens. The adapter routes the gates:
+the largest one decides how much of the joint edit a token gets (`adapter.GatedAdapter`).
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ import torch
 
 from .adapter import GatedAdapter, gate_score
 from .families import Projection
-from .tokens import ConceptTokens, RequestTokens
+from .tokens import RequestTokens
 
 GATE_HIGH = 0.95  # gate value at the `on_quantile` of concept tokens
 LOGIT_HIGH = math.log(GATE_HIGH / (1 - GATE_HIGH))
@@ -35,7 +43,9 @@ LOGIT_HIGH = math.log(GATE_HIGH / (1 - GATE_HIGH))
 @dataclass(frozen=True)
 class ClosedFormConfig:
     rank: int = 32  # per concept and projection (see the README: 8 fitted MiniLM's concept badly)
+    max_rank: int = 256  # of the joint edit, whatever the number of concepts
     gate_rank: int = 8  # dimensions of each concept's gate subspace
+    adversarial_rounds: int = 2  # rounds of closed-form adversarial embeddings (0: none)
     preserve_weight: float = 1.0  # λ_p
     ridge: float = 1e-3  # λ, relative to the mean energy of the concept embeddings
     on_quantile: float = 0.1  # of the concept's own tokens' scores, where the gate reaches 0.95
@@ -44,8 +54,12 @@ class ClosedFormConfig:
     def __post_init__(self):
         if not (isinstance(self.rank, int) and 1 <= self.rank <= 256):
             raise ValueError(f"rank must be an integer from 1 to 256, got {self.rank!r}")
+        if not (isinstance(self.max_rank, int) and self.rank <= self.max_rank <= 4096):
+            raise ValueError(f"max rank must be an integer from the rank to 4096, got {self.max_rank!r}")
         if not (isinstance(self.gate_rank, int) and 1 <= self.gate_rank <= 256):
             raise ValueError(f"gate rank must be an integer from 1 to 256, got {self.gate_rank!r}")
+        if not (isinstance(self.adversarial_rounds, int) and 0 <= self.adversarial_rounds <= 10):
+            raise ValueError(f"adversarial rounds must be an integer from 0 to 10, got {self.adversarial_rounds!r}")
         for name in ("preserve_weight", "ridge"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
@@ -65,6 +79,30 @@ def solve_edit(C: torch.Tensor, N: torch.Tensor, PtP_m: torch.Tensor, cfg: Close
     return Mt.T
 
 
+def adversarial_embeddings(C: torch.Tensor, gram: torch.Tensor, M: torch.Tensor, ridge: float = 0.1) -> torch.Tensor:
+    """Closed-form adversarial embeddings against an edit ΔW = W M (as RECE derives them).
+
+    For each concept embedding c (a row of `C`), the embedding c' whose *edited* keys and values
+    come closest to the *original* ones of c over every projection:
+    argmin_c' Σ_l ‖W_l (I + M) c' − W_l c‖² + λ ‖c'‖², i.e.
+    c' = ((I + M)ᵀ G (I + M) + λ I)⁻¹ (I + M)ᵀ G c with G = Σ_l W_lᵀ W_l (`gram`, d × d). These are
+    the points an attacker would move the concept to; erasing them too closes that door. λ is
+    `ridge` times the mean eigenvalue of (I + M)ᵀ G (I + M), which keeps c' near the embeddings a
+    text encoder produces instead of an exact, huge preimage.
+    """
+    d = C.shape[1]
+    A = torch.eye(d, dtype=torch.float64) + M.double()
+    AtG = A.T @ gram.double()
+    H = AtG @ A
+    H = H + ridge * H.diagonal().mean() * torch.eye(d, dtype=torch.float64)
+    return torch.linalg.solve(H, AtG @ C.double().T).T
+
+
+def projection_gram(Ws: list[torch.Tensor]) -> torch.Tensor:
+    """G = Σ_l W_lᵀ W_l over projections whose input is the text context (d × d, float64)."""
+    return sum(W.double().T @ W.double() for W in Ws)
+
+
 def truncate(W: torch.Tensor, U_S: torch.Tensor, Vt: torch.Tensor, rank: int):
     """Rank-`rank` factors (B, A) of W M, given M ≈ U_S Vt (Vt with orthonormal rows).
 
@@ -73,11 +111,12 @@ def truncate(W: torch.Tensor, U_S: torch.Tensor, Vt: torch.Tensor, rank: int):
     evenly between B and A, which keeps both factors on one scale for fine-tuning.
     """
     Q, R = torch.linalg.qr(W.double() @ U_S)
-    U_R, S_R, Vt_R = torch.linalg.svd(R)
-    root = S_R[:rank].sqrt()
-    B = (Q @ U_R[:, :rank]) * root
-    A = root[:, None] * (Vt_R[:rank] @ Vt)
-    if B.shape[1] < rank:  # fewer directions than the rank: pad with zeros
+    U_R, S_R, Vt_R = torch.linalg.svd(R, full_matrices=False)
+    q = min(rank, len(S_R))
+    root = S_R[:q].sqrt()
+    B = (Q @ U_R[:, :q]) * root
+    A = root[:, None] * (Vt_R[:q] @ Vt)
+    if q < rank:  # fewer directions than the rank: pad with zeros
         B = torch.nn.functional.pad(B, (0, rank - B.shape[1]))
         A = torch.nn.functional.pad(A, (0, 0, 0, rank - A.shape[0]))
     return B.float(), A.float()
@@ -85,7 +124,7 @@ def truncate(W: torch.Tensor, U_S: torch.Tensor, Vt: torch.Tensor, rank: int):
 
 @dataclass
 class Gate:
-    """One slot's gate: g(e) = sigmoid((s(e) − threshold) / exp(log_temperature)), with s(e) the
+    """One concept's gate: g(e) = sigmoid((s(e) − threshold) / exp(log_temperature)), with s(e) the
     log mean squared coordinate of e − center along `directions` (`adapter.gate_score`).
     `margin` is the concept's on-quantile score minus the preserve off-quantile score: > 0 when
     the two sets are separable at those quantiles."""
@@ -143,10 +182,9 @@ def calibrate_gate(C: torch.Tensor, N: torch.Tensor, is_phrase: torch.Tensor, P:
 
 @dataclass
 class ClosedForm:
-    """Stage 1's result: the adapter, the concepts of each of its slots, and fit statistics."""
+    """Stage 1's result: the adapter, and fit statistics per concept."""
 
     adapter: GatedAdapter
-    slots: list[list[int]]
     stats: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -157,75 +195,50 @@ def closed_form_erasure(
     projections: list[Projection],
     cfg: ClosedFormConfig = ClosedFormConfig(),
 ) -> ClosedForm:
-    """Stage 1 for every concept of a request.
+    """Stage 1 for every concept of a request: one joint edit, one gate per concept.
 
-    Concepts whose gates fire on each other's tokens ("Van Gogh" and "Vincent van Gogh" on two
-    lines) share one slot of the adapter, solved jointly on their stacked C and N: separate slots
-    would both fire on the shared tokens and apply the edit twice. `slots` lists the concept
-    indices of each slot. `weights` maps each projection's name to its weight `W` (any
-    dtype and device; the maths runs in float64 on the CPU, the factors are stored in float32).
-    """
+    `weights` maps each projection's name to its weight `W` (any dtype and device; the maths runs
+    in float64 on the CPU, the factors are stored in float32)."""
     start = time.perf_counter()
     P = tokens.P.double()
     PtP_m = P.T @ P / len(P)
-    k = min(P.shape[1], max(4 * cfg.rank, 32))
     Ws = [weights[p.name].detach().to("cpu", torch.float64) for p in projections]
+    concepts = tokens.concepts
+    C = [c.C.double() for c in concepts]
+    N = [c.N.double() for c in concepts]
+    M = solve_edit(torch.cat(C), torch.cat(N), PtP_m, cfg)
+    if cfg.adversarial_rounds:
+        # The edit learns to map the adversarial embeddings too; the gates stay calibrated on the
+        # concepts' real tokens (stage 2 teaches them to open on attacks).
+        gram = projection_gram(Ws)
+        phrase = [(c.C[c.is_phrase].double(), c.N[c.is_phrase].double()) for c in concepts]
+        found_C, found_N = [], []
+        for _ in range(cfg.adversarial_rounds):
+            for Ck, Nk in phrase:
+                found_C.append(adversarial_embeddings(Ck, gram, M))
+                found_N.append(Nk)
+            M = solve_edit(torch.cat([*C, *found_C]), torch.cat([*N, *found_N]), PtP_m, cfg)
 
-    gates = [calibrate_gate(c.C, c.N, c.is_phrase, P, cfg) for c in tokens.concepts]
-    slots = overlapping_groups(tokens.concepts, gates)
-    downs = [[] for _ in projections]
-    ups = [[] for _ in projections]
-    gate_parts, stats = [], []
-    for slot in slots:
-        C = torch.cat([tokens.concepts[i].C for i in slot])
-        N = torch.cat([tokens.concepts[i].N for i in slot])
-        is_phrase = torch.cat([tokens.concepts[i].is_phrase for i in slot])
-        M = solve_edit(C, N, PtP_m, cfg)
-        U, S, Vt = torch.linalg.svd(M)
-        U_S, Vt = U[:, :k] * S[:k], Vt[:k]
-        for i, W in enumerate(Ws):
-            B, A = truncate(W, U_S, Vt, cfg.rank)
-            ups[i].append(B)
-            downs[i].append(A)
-        gate = gates[slot[0]] if len(slot) == 1 else calibrate_gate(C, N, is_phrase, P, cfg)
-        gate_parts.append(gate)
-        stats.append(_fit_stats(C, N, Ws, [u[-1] for u in ups], [a[-1] for a in downs], P))
-        stats[-1].update(concepts=[tokens.concepts[i].concept.target for i in slot], gate_margin=gate.margin)
-
+    rank = min(cfg.rank * len(concepts), cfg.max_rank, M.shape[0])
+    k = min(M.shape[0], max(4 * rank, 32))
+    U, S, Vt = torch.linalg.svd(M)
+    U_S, Vt = U[:, :k] * S[:k], Vt[:k]
+    factors = [truncate(W, U_S, Vt, rank) for W in Ws]
+    gates = [calibrate_gate(Ck, Nk, c.is_phrase, P, cfg) for Ck, Nk, c in zip(C, N, concepts)]
+    stats = []
+    for concept, Ck, Nk, gate in zip(concepts, C, N, gates):
+        stats.append(_fit_stats(Ck, Nk, Ws, [b for b, _ in factors], [a for _, a in factors], P)
+                     | {"concept": concept.concept.target, "gate_margin": gate.margin})
     adapter = GatedAdapter(
         projections,
-        gate_basis=torch.stack([g.directions for g in gate_parts]),
-        gate_center=torch.stack([g.center for g in gate_parts]),
-        gate_threshold=torch.tensor([g.threshold for g in gate_parts]),
-        gate_log_temperature=torch.tensor([g.log_temperature for g in gate_parts]),
-        lora_down=[torch.stack(a) for a in downs],
-        lora_up=[torch.stack(b) for b in ups],
+        gate_basis=torch.stack([g.directions for g in gates]),
+        gate_center=torch.stack([g.center for g in gates]),
+        gate_threshold=torch.tensor([g.threshold for g in gates]),
+        gate_log_temperature=torch.tensor([g.log_temperature for g in gates]),
+        lora_down=[a for _, a in factors],
+        lora_up=[b for b, _ in factors],
     )
-    return ClosedForm(adapter, slots, stats, time.perf_counter() - start)
-
-
-def overlapping_groups(concepts: list[ConceptTokens], gates: list[Gate]) -> list[list[int]]:
-    """Concepts linked when each one's gate is open (mean > 0.6) on the other's own tokens.
-
-    Measured on the toy encoder (384 wide): "van gogh" / "vincent van gogh" score 0.95 and 0.74;
-    unrelated concepts at most 0.56 one way and 0.45 the other, so a one-way test merged unrelated
-    concepts and the mutual one does not."""
-    parent = list(range(len(concepts)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            i = parent[i]
-        return i
-
-    opens = [[gate.values(c.C[c.is_phrase]).mean().item() for c in concepts] for gate in gates]
-    for i in range(len(concepts)):
-        for j in range(i + 1, len(concepts)):
-            if min(opens[i][j], opens[j][i]) > 0.6:
-                parent[root(j)] = root(i)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(concepts)):
-        groups.setdefault(root(i), []).append(i)
-    return sorted(groups.values())
+    return ClosedForm(adapter, stats, time.perf_counter() - start)
 
 
 def _fit_stats(C, N, Ws, Bs, As, P, rows: int = 512) -> dict:

@@ -3,31 +3,33 @@ whole method from a concept request to that erasure (stages 0, 1 and 2 in order)
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .adapter import GatedAdapter
 from .closed_form import ClosedFormConfig, closed_form_erasure
 from .concepts import ConceptRequest
+from .expansion import ExpansionConfig, expand
 from .families import GATE_SCOPES, Projection, check_family
 from .finetune import FinetuneConfig, StepReport, finetune, sample_latents
 from .network import Network
-from .tokens import collect_request
+from .tokens import RequestTokens, collect_request
 
 
 @dataclass
 class Erasure:
     """What an erasure is: the adapter, the request it erases, and the model it fits.
 
-    `slots[k]` lists the indices of the request's concepts that share slot k of the adapter.
-    `num_res_blocks` is the UNet layout of the model it was made from (residual blocks per level),
-    which names its layers in an exported LoRA. `info` holds what happened when it was made
-    (timings, fit statistics, the training history): a record, never read back to compute."""
+    The adapter has one gate per concept of the request, in the request's order. `num_res_blocks`
+    is the UNet layout of the model it was made from (residual blocks per level), which names its
+    layers in an exported LoRA. `info` holds what happened when it was made (timings, fit
+    statistics, the words expansion found, the training history): a record, never read back to
+    compute."""
 
     family: str
     request: ConceptRequest
     adapter: GatedAdapter
-    slots: list[list[int]]
     num_res_blocks: int
     info: dict = field(default_factory=dict)
 
@@ -35,10 +37,9 @@ class Erasure:
     def projections(self) -> list[Projection]:
         return self.adapter.projections
 
-    def slot_names(self) -> list[str]:
-        """Each slot's concepts, joined: 'Van Gogh + Vincent van Gogh'."""
-        targets = [c.target for c in self.request.concepts]
-        return [" + ".join(targets[i] for i in slot) for slot in self.slots]
+    def gate_names(self) -> list[str]:
+        """The concept each gate of the adapter belongs to."""
+        return [c.target for c in self.request.concepts]
 
     def check_fits(self, family: str, projections: list[Projection]) -> None:
         """Raise ValueError unless this erasure was made for a model of this family and shape."""
@@ -63,20 +64,33 @@ def erase(
     request: ConceptRequest,
     closed_form: ClosedFormConfig = ClosedFormConfig(),
     training: FinetuneConfig = FinetuneConfig(),
+    expansion: ExpansionConfig = ExpansionConfig(),
     callback: Callable[[StepReport], bool | None] | None = None,
 ) -> Erasure:
-    """Stage 0 (token collection), stage 1 (closed form) and, when `training.steps > 0`,
-    stage 2 (fine-tuning) of `request` on `network`."""
+    """Stage 0 (the concept's words, expanded with those the model draws it from, and their
+    tokens), stage 1 (closed form) and, when `training.steps > 0`, stage 2 (fine-tuning) of
+    `request` on `network`. The erasure's request holds the words expansion found as synonyms."""
     check_family(network.family, network.projections)
-    tokens = collect_request(network.encoder, request)
-    stage1 = closed_form_erasure(tokens, network.weights, network.projections, closed_form)
+    started = time.perf_counter()
+    info = {}
+    if expansion.enabled:
+        found = expand(network, request, expansion)
+        request = found.expanded(request)
+        info["expansion"] = found.to_json()
+    stage1 = closed_form_erasure(request_tokens(network, request), network.weights, network.projections, closed_form)
     stage1.adapter.gate_scope = GATE_SCOPES[network.family]
-    info = {"stage1_seconds": stage1.seconds, "stage2_seconds": 0.0, "concepts": stage1.stats,
-            "closed_form": closed_form.__dict__}
-    erasure = Erasure(network.family, request, stage1.adapter, stage1.slots, network.num_res_blocks, info)
+    info |= {"stage1_seconds": time.perf_counter() - started, "closed_form_seconds": stage1.seconds,
+             "stage2_seconds": 0.0, "concepts": stage1.stats, "closed_form": closed_form.__dict__}
+    erasure = Erasure(network.family, request, stage1.adapter, network.num_res_blocks, info)
     if training.steps > 0:
         erasure = fine_tune(erasure, network, training, callback)
     return erasure
+
+
+def request_tokens(network: Network, request: ConceptRequest) -> RequestTokens:
+    """Stage 0's tokens of a request on this network: for an encoder that reads both ways, the
+    positions before each concept too."""
+    return collect_request(network.encoder, request, all_positions=GATE_SCOPES[network.family] == "prompt")
 
 
 def fine_tune(
@@ -88,7 +102,7 @@ def fine_tune(
     """Stage 2 on a copy of the erasure's adapter (the given erasure is not changed): sample a few
     examples of each concept with the edit off, then `finetune` on them."""
     erasure.check_fits(network.family, network.projections)
-    tokens = collect_request(network.encoder, erasure.request)
+    tokens = request_tokens(network, erasure.request)
     adapter = copy.deepcopy(erasure.adapter)
     adapter.to(network.device)
     with network.attach(adapter) as denoise:
@@ -98,8 +112,8 @@ def fine_tune(
                                network.latent_shape, network.sample_sigmas, seed=training.seed + i)
                 for i, c in enumerate(tokens.concepts)
             ]
-        result = finetune(adapter, denoise, tokens, latents, network.train_sigmas, training, callback)
+        result = finetune(adapter, denoise, network, tokens, latents, training, callback)
     adapter.to("cpu")
     info = dict(erasure.info, stage2_seconds=result.seconds, history=result.history,
                 stopped_early=result.stopped_early, training=training.__dict__)
-    return Erasure(erasure.family, erasure.request, adapter, erasure.slots, erasure.num_res_blocks, info)
+    return Erasure(erasure.family, erasure.request, adapter, erasure.num_res_blocks, info)

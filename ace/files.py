@@ -20,8 +20,9 @@ from .erasure import Erasure
 from .families import GATE_SCOPES, Projection
 
 FORMAT = "ace-erasure"
-FORMAT_VERSION = 2  # 2: slots and num_res_blocks in the metadata (version 1 kept them in "info")
-READABLE_VERSIONS = (1, 2)
+# 3: one joint edit per projection and one gate per concept (versions 1 and 2 summed one edit per
+# group of concepts, a different model of the erasure that this version no longer computes).
+FORMAT_VERSION = 3
 
 
 class ErasureFileError(ValueError):
@@ -66,9 +67,8 @@ def save_erasure(erasure: Erasure, path: str) -> None:
         "family": erasure.family,
         "projections": json.dumps([[p.name, p.in_features, p.out_features] for p in a.projections]),
         "request": json.dumps(erasure.request.to_json()),
-        "slots": json.dumps(erasure.slots),
         "num_res_blocks": str(erasure.num_res_blocks),
-        "num_slots": str(a.num_slots),
+        "num_gates": str(a.num_gates),
         "rank": str(a.rank),
         "gate_rank": str(a.gate_basis.shape[-1]),
         "info": json.dumps(info, default=str),
@@ -99,19 +99,22 @@ def load_erasure(path: str) -> Erasure:
         version = int(metadata.get("format_version", "0"))
     except ValueError:
         version = -1
-    if version not in READABLE_VERSIONS:
+    if version in (1, 2):
+        raise ErasureFileError(
+            f"'{name}' was made by an earlier version of this pack (erasure format {version}), whose edits this "
+            "version no longer computes; erase the concepts again to make a new file."
+        )
+    if version != FORMAT_VERSION:
         raise ErasureFileError(
             f"'{name}' uses erasure format version {metadata.get('format_version')}; this version of "
-            f"the pack reads versions {', '.join(map(str, READABLE_VERSIONS))}. Update the pack or re-create the erasure."
+            f"the pack reads version {FORMAT_VERSION}. Update the pack or re-create the erasure."
         )
     try:
         projections = [Projection(n, int(i), int(o)) for n, i, o in json.loads(metadata["projections"])]
         request = ConceptRequest.from_json(json.loads(metadata["request"]))
         info = json.loads(metadata.get("info", "{}"))
         family = metadata["family"]
-        layout = metadata if version >= 2 else info  # version 1 kept these two in its "info"
-        slots = json.loads(layout["slots"]) if version >= 2 else layout["slots"]
-        num_res_blocks = int(layout["num_res_blocks"])
+        num_res_blocks = int(metadata["num_res_blocks"])
     except (KeyError, ValueError, TypeError) as e:
         raise ErasureFileError(f"'{name}' has broken metadata ({e}); re-create the erasure.") from None
 
@@ -125,8 +128,8 @@ def load_erasure(path: str) -> Erasure:
             raise ErasureFileError(f"'{name}' is damaged: '{key}' holds NaN or infinite values.")
         return t
 
-    K, r, kg = int(metadata["num_slots"]), int(metadata["rank"]), int(metadata["gate_rank"])
-    if K != len(slots) or sorted(i for s in slots for i in s) != list(range(len(request.concepts))) or not projections:
+    K, r, kg = int(metadata["num_gates"]), int(metadata["rank"]), int(metadata["gate_rank"])
+    if K != len(request.concepts) or not projections:
         raise ErasureFileError(f"'{name}' has inconsistent metadata; re-create the erasure.")
     d = projections[0].in_features
     adapter = GatedAdapter(
@@ -135,13 +138,13 @@ def load_erasure(path: str) -> Erasure:
         gate_center=get("gate.center", (K, d)),
         gate_threshold=get("gate.threshold", (K,)),
         gate_log_temperature=get("gate.log_temperature", (K,)),
-        lora_down=[get(f"{p.name}.lora_down", (K, r, p.in_features)) for p in projections],
-        lora_up=[get(f"{p.name}.lora_up", (K, p.out_features, r)) for p in projections],
+        lora_down=[get(f"{p.name}.lora_down", (r, p.in_features)) for p in projections],
+        lora_up=[get(f"{p.name}.lora_up", (p.out_features, r)) for p in projections],
         gate_scope=GATE_SCOPES.get(family, "token"),
     )
     if tensors:
         raise ErasureFileError(f"'{name}' has unexpected tensors ({sorted(tensors)[0]}, ...); it is not an erasure this pack wrote.")
-    return Erasure(family, request, adapter, slots, num_res_blocks, info)
+    return Erasure(family, request, adapter, num_res_blocks, info)
 
 
 def diffusers_name(ldm_name: str, num_res_blocks: int) -> str:
@@ -159,7 +162,7 @@ def diffusers_name(ldm_name: str, num_res_blocks: int) -> str:
 
 
 def lora_state_dict(erasure: Erasure, strength: float = 1.0) -> dict[str, torch.Tensor]:
-    """The portable LoRA: Σ_c B_c A_c with every gate open, in the kohya key layout that ComfyUI's
+    """The portable LoRA: B A with every gate open, in the kohya key layout that ComfyUI's
     LoraLoader, A1111 and diffusers load (diffusers module names for SD1.x/SD2.x, the original
     LDM names for SDXL and the toy model, as their trainers write them)."""
     strength = check_strength(strength)
@@ -168,8 +171,8 @@ def lora_state_dict(erasure: Erasure, strength: float = 1.0) -> dict[str, torch.
     for p, down, up in zip(a.projections, a.lora_down, a.lora_up):
         module = diffusers_name(p.name, erasure.num_res_blocks) if erasure.family in ("sd1", "sd2") else p.name
         key = "lora_unet_" + module.replace(".", "_")
-        down = down.detach().float().cpu().flatten(0, 1)  # [K r, d]
-        up = up.detach().float().cpu().permute(1, 0, 2).flatten(1) * strength  # [o, K r]
+        down = down.detach().float().cpu()  # [r, d]
+        up = up.detach().float().cpu() * strength  # [o, r]
         out[f"{key}.lora_down.weight"] = down.contiguous()
         out[f"{key}.lora_up.weight"] = up.contiguous()
         out[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: scale 1

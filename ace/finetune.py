@@ -1,18 +1,34 @@
 """Stage 2: adversarially augmented fine-tuning of the gated adapter.
 
-Only the adapter trains (every layer's A and B, and each gate's threshold and temperature); the
-network stays frozen, and the original network's predictions come from the same network with
-the adapter switched off. Per step, for a concept drawn in turn:
+The network stays frozen; the adapter trains: every layer's A and B and every gate (directions,
+threshold, temperature). The original network's predictions come from the same network with the
+adapter switched off. Per step, for one concept (in turn), on noisy examples x_t = x_0 + σ ε of
+it, σ drawn log-uniformly over the model's schedule:
 
-    L_erase = ‖D_edit(x_t, σ, concept) − sg[D_orig(x_t, σ, neutral)]‖²
-    L_adv   = the same loss at concept + δ, δ found by projected gradient ascent on the concept
-              tokens' embeddings within a ball of radius ρ·‖token‖ (the attack an adversarial
-              prompt makes, in embedding space)
-    L_pres  = ‖D_edit(x_t, σ, p) − sg[D_orig(x_t, σ, p)]‖²  on preserve prompts
-    L       = L_erase + α L_adv + β L_pres
+    target  = D_orig(x_t, σ, neutral) − η (D_orig(x_t, σ, concept) − D_orig(x_t, σ, neutral))
+    L_erase = ‖D_edit(x_t, σ, concept) − target‖² / σ²
+    L_adv   = ‖D_edit(x_t, σ, soft) − target‖² / σ²
+    L_pres  = ‖D_edit(x_t, σ, p) − D_orig(x_t, σ, p)‖² / σ²  +  Σ_l ‖B_l A_l p‖² / ‖W_l p‖²
+    L_gate  = BCE(g_c(concept tokens and soft tokens), 1) + BCE(g(preserve tokens), 0)
+    L       = L_erase + α L_adv + β L_pres + γ L_gate
 
-`D(x_t, σ, context)` is the network's denoised estimate of x_0; `x_t = x_0 + σ ε` with `x_0`
-latents the original model generated for the concept.
+- The target is negative guidance (as ESD's): the neutral prediction pushed away from the
+  concept's by η. Matching the neutral prediction alone gives almost no signal: at low noise the
+  original model's neutral prediction of a noisy concept picture still contains the concept, and
+  stage 1 already matches it. Dividing by σ² weighs every noise level as a noise-prediction loss
+  does (D = x_t − σ ε).
+- x_0: pictures the original model draws of the concept, and, every `on_policy_every` steps, one
+  the edited model draws (on-policy: where the erased model actually goes).
+- The soft word (the adversarial input): the concept's word replaced by free input token
+  embeddings of the text encoder, which an inner attacker optimises with Adam for
+  `attack_steps` steps per outer step, warm-started from the previous step (AdvUnlearn's and
+  Receler's scheme), to make the edited model predict the concept again: the attack a
+  textual-inversion attacker makes. The gate learns to open on it.
+- The preserve term binds where the gate is closed too: the second part is the open-gate edit's
+  relative change of the keys and values of preserve tokens, so the baked model and the exported
+  LoRA stay specific.
+- The budget grows with the request: `steps` per concept, and a learning rate that warms up and
+  decays along a cosine.
 """
 from __future__ import annotations
 
@@ -24,37 +40,41 @@ from typing import Callable
 import torch
 
 from .adapter import GatedAdapter
-from .network import Denoiser
+from .network import Denoiser, Network
 from .tokens import RequestTokens
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    steps: int = 40
+    steps: int = 40  # per concept of the request
+    max_steps: int = 400  # of the whole run, whatever the number of concepts
     learning_rate: float = 5e-3
+    guidance: float = 1.0  # η of the negative-guidance target
     adversarial_weight: float = 1.0  # α
     preserve_weight: float = 1.0  # β
-    attack_radius: float = 0.1  # ρ, relative to each token embedding's norm
-    attack_steps: int = 2
+    gate_weight: float = 0.1  # γ
+    attack_steps: int = 2  # inner Adam steps on the soft word per outer step (0: no adversarial term)
+    attack_rate: float = 0.1  # the inner Adam's step, relative to the soft word's typical coordinate
     batch_size: int = 2
     images_per_concept: int = 2  # examples of each concept the original model draws to train on
+    on_policy_every: int = 10  # steps between pictures drawn by the edited model (0: never)
     seed: int = 0
 
     def __post_init__(self):
-        if not (isinstance(self.steps, int) and 0 <= self.steps <= 100_000):
-            raise ValueError(f"steps must be an integer from 0 to 100000, got {self.steps!r}")
-        if not (isinstance(self.attack_steps, int) and 0 <= self.attack_steps <= 100):
-            raise ValueError(f"attack steps must be an integer from 0 to 100, got {self.attack_steps!r}")
-        if not (isinstance(self.batch_size, int) and 1 <= self.batch_size <= 64):
-            raise ValueError(f"batch size must be an integer from 1 to 64, got {self.batch_size!r}")
-        if not (isinstance(self.images_per_concept, int) and 1 <= self.images_per_concept <= 64):
-            raise ValueError(f"images per concept must be an integer from 1 to 64, got {self.images_per_concept!r}")
-        for name in ("learning_rate", "adversarial_weight", "preserve_weight", "attack_radius"):
+        for name, low, high in (("steps", 0, 100_000), ("max_steps", 1, 1_000_000), ("attack_steps", 0, 100),
+                                ("batch_size", 1, 64), ("images_per_concept", 1, 64), ("on_policy_every", 0, 100_000)):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and low <= v <= high):
+                raise ValueError(f"{name.replace('_', ' ')} must be an integer from {low} to {high}, got {v!r}")
+        for name in ("learning_rate", "guidance", "adversarial_weight", "preserve_weight", "gate_weight", "attack_rate"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name.replace('_', ' ')} must be a finite number >= 0, got {v!r}")
         if not 0 < self.learning_rate <= 1:
             raise ValueError(f"learning rate must be in (0, 1], got {self.learning_rate!r}")
+
+    def total_steps(self, concepts: int) -> int:
+        return min(self.steps * max(concepts, 1), self.max_steps) if self.steps else 0
 
 
 @dataclass
@@ -88,29 +108,59 @@ def autograd_safe(module: torch.nn.Module) -> None:
                     setattr(owner, name, b.clone())
 
 
-def _mse(a, b):
-    return (a.float() - b.float()).square().mean()
+def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() - b.float()).square().flatten(1).mean(1)
+
+
+def _bce(g: torch.Tensor, target: float) -> torch.Tensor:
+    g = g.clamp(1e-6, 1 - 1e-6)
+    return -(torch.log(g) if target == 1 else torch.log(1 - g)).mean()
+
+
+def learning_rate(cfg: FinetuneConfig, step: int, total: int) -> float:
+    """Linear warm-up over the first tenth, then a cosine down to a tenth of the rate."""
+    warm = max(1, total // 10)
+    if step < warm:
+        return cfg.learning_rate * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class SoftWord:
+    """The adversarial input of one concept: its target phrase's input embeddings, free to move,
+    and an Adam that moves them; kept across steps (warm start)."""
+
+    def __init__(self, network: Network, phrase: str, cfg: FinetuneConfig):
+        self.phrase = phrase
+        self.vectors = {k: v.detach().clone().requires_grad_(True) for k, v in network.encoder.soft_word(phrase).items()}
+        scale = torch.cat([v.flatten() for v in self.vectors.values()]).square().mean().sqrt().item()
+        self.optimizer = torch.optim.Adam(list(self.vectors.values()), lr=cfg.attack_rate * scale)
 
 
 def finetune(
     adapter: GatedAdapter,
     denoise: Denoiser,
+    network: Network,
     tokens: RequestTokens,
     latents: list[torch.Tensor],
-    sigmas: torch.Tensor,
     cfg: FinetuneConfig = FinetuneConfig(),
     callback: Callable[[StepReport], bool | None] | None = None,
 ) -> FinetuneResult:
-    """Train `adapter` in place. `latents[c]` are clean latents `[n, ...]` of concept `c`;
-    `sigmas` the noise levels to draw from. `callback` is called after every step; returning
-    True stops the run (an exception it raises propagates, leaving the adapter mid-training:
-    callers that cancel should discard it)."""
+    """Train `adapter` in place. `latents[c]` are clean latents `[n, ...]` of concept `c` drawn by
+    the original model. `callback` is called after every step; returning True stops the run (an
+    exception it raises propagates, leaving the adapter mid-training: callers that cancel should
+    discard it)."""
     result = FinetuneResult()
-    if cfg.steps == 0:
+    total = cfg.total_steps(len(tokens.concepts))
+    if total == 0:
         return result
     start = time.perf_counter()
     device = latents[0].device
     generator = torch.Generator().manual_seed(cfg.seed)
+    log_sigma = network.train_sigmas.float().log()
+    low, high = log_sigma.min().item(), log_sigma.max().item()
+    weights = [network.weights[p.name].detach().to(device, torch.float32) for p in adapter.projections]
+    pool = [list(x) for x in latents]  # each concept's examples; on-policy ones join them
 
     def pick(n: int, k: int) -> torch.Tensor:
         return torch.randint(0, n, (k,), generator=generator)
@@ -120,87 +170,105 @@ def finetune(
 
     with torch.inference_mode(False), torch.enable_grad():
         autograd_safe(adapter)
+        adapter.requires_grad_(True)
         params = list(adapter.parameters())
         optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
-        preserve = usable(tokens.preserve_context)
-        for step in range(cfg.steps):
+        preserve_context = usable(tokens.preserve_context)
+        P = usable(tokens.P.float())
+        soft = [SoftWord(network, c.concept.target, cfg) if cfg.attack_steps and cfg.adversarial_weight else None
+                for c in tokens.concepts]
+        target_prompts = [torch.tensor(c.target_prompts()) for c in tokens.concepts]
+        phrase_masks = [c.phrase_mask for c in tokens.concepts]
+        for step in range(total):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step, total)
             c = step % len(tokens.concepts)
             concept = tokens.concepts[c]
+            if cfg.on_policy_every and step % cfg.on_policy_every == cfg.on_policy_every - 1:
+                pool[c].append(_on_policy(adapter, denoise, network, concept, generator, device))
             b = cfg.batch_size
             prompt = pick(len(concept.prompts), b)
-            x0 = usable(latents[c][pick(len(latents[c]), b)])
-            sigma = usable(sigmas[pick(len(sigmas), b)]).to(x0.dtype)
-            noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
-            x_t = (x0 + noise * sigma.view(-1, *[1] * (x0.dim() - 1))).detach()
+            x0 = torch.stack([pool[c][i] for i in pick(len(pool[c]), b).tolist()]).to(device)
+            sigma = (torch.rand(b, generator=generator) * (high - low) + low).exp().to(device, x0.dtype)
+            x_t = (x0 + torch.randn(x0.shape, generator=generator).to(device, x0.dtype) * sigma.view(-1, *[1] * (x0.dim() - 1))).detach()
             ctx = usable(concept.concept_context[prompt])
-            mask = usable(concept.concept_mask[prompt]).unsqueeze(-1)
-            p_ctx = preserve[pick(len(preserve), b).to(device)]
+            p_ctx = preserve_context[pick(len(preserve_context), b).to(device)]
+            weight = 1 / sigma.float().square()
 
             with torch.no_grad(), adapter.disabled():
-                target_erase = denoise(x_t, sigma, usable(concept.neutral_context[prompt]))
-                target_preserve = denoise(x_t, sigma, p_ctx)
+                original_concept = denoise(x_t, sigma, ctx)
+                original_neutral = denoise(x_t, sigma, usable(concept.neutral_context[prompt]))
+                original_preserve = denoise(x_t, sigma, p_ctx)
+                target = original_neutral - cfg.guidance * (original_concept - original_neutral)
 
-            losses = {"erase": _mse(denoise(x_t, sigma, ctx), target_erase)}
-            if cfg.adversarial_weight > 0 and cfg.attack_radius > 0 and cfg.attack_steps > 0:
-                delta = attack(adapter, denoise, x_t, sigma, ctx, mask, target_erase, cfg, generator)
-                losses["adversarial"] = _mse(denoise(x_t, sigma, ctx + delta), target_erase)
-            if cfg.preserve_weight > 0:
-                losses["preserve"] = _mse(denoise(x_t, sigma, p_ctx), target_preserve)
-            total = (
-                losses["erase"]
-                + cfg.adversarial_weight * losses.get("adversarial", 0.0)
-                + cfg.preserve_weight * losses.get("preserve", 0.0)
-            )
+            losses = {"erase": (weight * _per_sample_mse(denoise(x_t, sigma, ctx), target)).mean()}
+            gate_terms = [_bce(adapter.gate(usable(concept.C[concept.is_phrase]))[:, c], 1.0),
+                          _bce(adapter.gate(P[pick(len(P), 256).to(device)]), 0.0)]
+            if soft[c] is not None:
+                chosen = target_prompts[c][pick(len(target_prompts[c]), b)]
+                texts = [concept.prompts[i] for i in chosen.tolist()]
+                with torch.no_grad(), adapter.disabled():
+                    original_target = denoise(x_t, sigma, usable(concept.concept_context[chosen]))
+                    neutral_target = denoise(x_t, sigma, usable(concept.neutral_context[chosen]))
+                adv = _attack(adapter, denoise, network, soft[c], texts, x_t, sigma, original_target, weight, cfg)
+                adv_target = neutral_target - cfg.guidance * (original_target - neutral_target)
+                losses["adversarial"] = (weight * _per_sample_mse(denoise(x_t, sigma, adv), adv_target)).mean()
+                gate_terms.append(_bce(adapter.gate(adv[usable(phrase_masks[c][chosen])])[:, c], 1.0))
+            losses["preserve"] = (weight * _per_sample_mse(denoise(x_t, sigma, p_ctx), original_preserve)).mean() \
+                + _anchor(adapter, weights, P[pick(len(P), 256).to(device)])
+            losses["gate"] = sum(gate_terms) / len(gate_terms)
+            total_loss = (losses["erase"] + cfg.adversarial_weight * losses.get("adversarial", 0.0)
+                          + cfg.preserve_weight * losses["preserve"] + cfg.gate_weight * losses["gate"])
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            total_loss.backward()
             optimizer.step()
 
-            record = {k: v.item() for k, v in losses.items()} | {"total": total.item()}
+            record = {k: v.item() for k, v in losses.items()} | {"total": total_loss.item()}
             result.history.append(record)
-            if callback is not None and callback(StepReport(step + 1, cfg.steps, record)):
+            if callback is not None and callback(StepReport(step + 1, total, record)):
                 result.stopped_early = True
                 break
     for p in params:
         p.grad = None
+    adapter.requires_grad_(False)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def attack(
-    adapter: GatedAdapter,
-    denoise: Denoiser,
-    x_t: torch.Tensor,
-    sigma: torch.Tensor,
-    context: torch.Tensor,
-    mask: torch.Tensor,
-    target: torch.Tensor,
-    cfg: FinetuneConfig,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """Projected gradient ascent on the concept tokens' embeddings: the perturbation δ within
-    ‖δ_token‖ ≤ ρ·‖e_token‖ that most raises the erase loss (brings the concept back)."""
-    radius = cfg.attack_radius * context.norm(dim=-1, keepdim=True).detach()
-    delta = torch.randn(context.shape, generator=generator).to(context) * mask
-    delta = _project(delta, radius) * 0.5
-    step_size = 2.5 / max(cfg.attack_steps, 1)
+def _attack(adapter, denoise, network, soft: SoftWord, texts, x_t, sigma, original_concept, weight, cfg) -> torch.Tensor:
+    """`cfg.attack_steps` Adam steps on the soft word towards the original model's prediction of
+    the concept through the edited model; returns the context it makes now (detached)."""
     for p in adapter.parameters():
         p.requires_grad_(False)
     try:
         for _ in range(cfg.attack_steps):
-            delta.requires_grad_(True)
-            loss = _mse(denoise(x_t, sigma, context + delta), target)
-            (grad,) = torch.autograd.grad(loss, delta)
-            step = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12) * radius * step_size
-            delta = _project((delta + step) * mask, radius).detach()
+            context = network.encoder.encode_soft(texts, soft.phrase, soft.vectors)
+            loss = (weight * _per_sample_mse(denoise(x_t, sigma, context), original_concept)).mean()
+            soft.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            soft.optimizer.step()
+        with torch.no_grad():
+            return network.encoder.encode_soft(texts, soft.phrase, soft.vectors).detach()
     finally:
         for p in adapter.parameters():
             p.requires_grad_(True)
-    return delta
 
 
-def _project(delta: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
-    norm = delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return delta * torch.clamp(radius / norm, max=1.0)
+def _anchor(adapter: GatedAdapter, weights: list[torch.Tensor], P: torch.Tensor) -> torch.Tensor:
+    """The open-gate edit's change of the preserve tokens' keys and values, relative to them."""
+    moved = kept = 0
+    for A, B, W in zip(adapter.lora_down, adapter.lora_up, weights):
+        moved = moved + ((P @ A.T) @ B.T).square().sum()
+        kept = kept + (P @ W.T).square().sum().detach()
+    return moved / kept.clamp_min(1e-12)
+
+
+def _on_policy(adapter, denoise, network: Network, concept, generator, device) -> torch.Tensor:
+    """One picture of the concept drawn by the edited model, as a clean latent."""
+    prompt = int(torch.randint(0, len(concept.prompts), (1,), generator=generator))
+    context = concept.concept_context[prompt:prompt + 1].to(device)
+    return sample_latents(denoise, context, network.latent_shape, network.sample_sigmas,
+                          seed=int(torch.randint(0, 2**31, (1,), generator=generator)))[0]
 
 
 @torch.no_grad()

@@ -5,9 +5,17 @@ and encoded; the same templates are encoded with the neutral anchor. With a caus
 such as CLIP, the concept lives in its own tokens *and in every token after it* (end-of-text and
 padding included), so all those positions are collected. They are paired with the neutral prompt
 by aligning the two prompts *after* the concept word, since the concept and the anchor may
-tokenize to different lengths. The result is the matrices of the method note:
-`C` (concept embeddings), `N` (their neutral counterparts) and `P` (embeddings to preserve:
-the preserve concepts, the neutral prompts and a pool of everyday prompts).
+tokenize to different lengths. An encoder that reads both ways spreads the concept over the
+positions *before* it too; for it (`all_positions`) those are collected as well, paired with the
+same positions of the neutral prompt (the prefix is the same text).
+
+Compositions: the target next to each concept to preserve ("red hourglass" while erasing "red"
+and keeping "hourglass") maps onto the preserved one alone ("hourglass"), so that the edit takes
+the concept out of a prompt without taking the kept concept with it.
+
+The result is the matrices of the method note: `C` (concept embeddings), `N` (their neutral
+counterparts) and `P` (embeddings to preserve: the preserve concepts, the neutral prompts and a
+pool of everyday prompts).
 """
 from __future__ import annotations
 
@@ -31,6 +39,10 @@ CONCEPT_TEMPLATES = (
     "a close-up of {}",
     "a drawing showing {} in a room",
 )
+
+# The target written next to a concept to preserve ("{}" the target, then the kept concept).
+COMPOSITION_TEMPLATES = ("{} {kept}", "a {} {kept}")
+MAX_COMPOSED = 32  # preserve concepts composed with each target (the first ones of the list)
 
 # Everyday prompts whose renders must not change (the generic part of `P`).
 EVERYDAY_PROMPTS = (
@@ -75,7 +87,13 @@ class TextEncoder(Protocol):
     `encode` returns the token embeddings the UNet's cross-attention receives, `[n, L, d]`, with
     every prompt padded to the same length `L`. `count_tokens` counts a text's tokens without the
     start/end markers; `start_tokens` is the number of tokens before a prompt's first word
-    (1 for CLIP's start-of-text token).
+    (1 for CLIP's start-of-text token). For concept expansion (`expansion.py`): `vocabulary`
+    lists the encoder's whole words, `static_embeddings` their input token embeddings (no forward
+    pass), and `encode_words` each word's embedding where it stands as a prompt's only word (at
+    its last token), `[n, d]`. For stage 2's adversarial
+    input (`finetune.py`): `soft_word` gives a phrase's input token embeddings (per tower of the
+    encoder, as tensors to optimise) and `encode_soft` encodes prompts with that phrase replaced by
+    them, differentiably.
     """
 
     start_tokens: int
@@ -83,6 +101,16 @@ class TextEncoder(Protocol):
     def encode(self, prompts: Sequence[str]) -> torch.Tensor: ...
 
     def count_tokens(self, text: str) -> int: ...
+
+    def vocabulary(self) -> list[str]: ...
+
+    def static_embeddings(self, words: Sequence[str]) -> torch.Tensor: ...
+
+    def encode_words(self, words: Sequence[str]) -> torch.Tensor: ...
+
+    def soft_word(self, phrase: str) -> dict[str, torch.Tensor]: ...
+
+    def encode_soft(self, prompts: Sequence[str], phrase: str, vectors: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -115,6 +143,19 @@ class ConceptTokens:
         t, p = self.neutral_index.unbind(1)
         return self.neutral_context[t, p]
 
+    @property
+    def phrase_mask(self) -> torch.Tensor:
+        """`[T, L]`: the positions of the concept's own words in each prompt."""
+        mask = torch.zeros_like(self.concept_mask)
+        t, p = self.concept_index[self.is_phrase].unbind(1)
+        mask[t, p] = True
+        return mask
+
+    def target_prompts(self) -> list[int]:
+        """The prompts that name the concept's target phrase (not a synonym)."""
+        target = f" {' '.join(self.concept.target.lower().split())} "
+        return [i for i, p in enumerate(self.prompts) if target in f" {' '.join(p.lower().split())} "]
+
 
 @dataclass
 class RequestTokens:
@@ -145,14 +186,18 @@ def _encode(encoder: TextEncoder, prompts: list[str], batch: int = 32) -> torch.
 
 
 def collect_concept(
-    encoder: TextEncoder, concept: Concept, templates: Sequence[str] = CONCEPT_TEMPLATES
+    encoder: TextEncoder, concept: Concept, templates: Sequence[str] = CONCEPT_TEMPLATES,
+    kept: Sequence[str] = (), all_positions: bool = False,
 ) -> ConceptTokens:
-    """Encode one concept's phrases in every template, and pair concept and neutral positions."""
+    """Encode one concept's phrases in every template (and its target composed with each `kept`
+    concept), and pair concept and neutral positions; `all_positions` also pairs the positions
+    before the concept (encoders that read both ways)."""
     prompts, neutral_prompts, starts, lengths = [], [], [], []
     n_anchor = encoder.count_tokens(concept.anchor) if concept.anchor else 0
+    composed = [t.replace("{kept}", k) for k in kept[:MAX_COMPOSED] for t in COMPOSITION_TEMPLATES]
     for phrase in concept.phrases:
         n_phrase = encoder.count_tokens(phrase)
-        for template in templates:
+        for template in (*templates, *(composed if phrase == concept.target else ())):
             prompts.append(fill(template, phrase))
             neutral_prompts.append(fill(template, concept.anchor))
             starts.append(_prefix_tokens(encoder, template))
@@ -168,14 +213,16 @@ def collect_concept(
             raise ValueError(
                 f"'{prompts[t]}' does not fit the text encoder's {L} tokens; shorten the concept."
             )
-        for pos in range(s, L):
+        for pos in range(0 if all_positions else s, L):
             i = pos - s
-            if i < n_c:  # a token of the concept itself: spread it over the anchor's tokens
+            if i < 0:  # before the concept: the same text in both prompts
+                neutral_pos = pos
+            elif i < n_c:  # a token of the concept itself: spread it over the anchor's tokens
                 neutral_pos = s + (i * n_anchor) // n_c if n_anchor else s
             else:  # after the concept: the same offset after the anchor
                 neutral_pos = s + n_anchor + (i - n_c)
             concept_mask[t, pos] = True
-            is_phrase.append(i < n_c)
+            is_phrase.append(0 <= i < n_c)
             concept_index.append((t, pos))
             neutral_index.append((t, min(neutral_pos, L - 1)))
     return ConceptTokens(
@@ -204,8 +251,9 @@ def collect_request(
     request: ConceptRequest,
     templates: Sequence[str] = CONCEPT_TEMPLATES,
     everyday_prompts: Sequence[str] = EVERYDAY_PROMPTS,
+    all_positions: bool = False,
 ) -> RequestTokens:
-    concepts = [collect_concept(encoder, c, templates) for c in request.concepts]
+    concepts = [collect_concept(encoder, c, templates, request.preserve, all_positions) for c in request.concepts]
     preserve_prompts = [fill(t, p) for p in request.preserve for t in templates]
     preserve_prompts += [p for p in everyday_prompts if not _mentions(p, request)]
     return RequestTokens(concepts, preserve_prompts, _encode(encoder, preserve_prompts))

@@ -18,7 +18,7 @@ import random
 
 import torch
 
-from benchmark.evaluate import pick
+from benchmark.evaluate import ordered
 from benchmark.prompts import split_prompts
 from runner import host
 from toy import world
@@ -92,13 +92,14 @@ def soft_prompt_attack(model_patcher, clip, classifier, kind: str, name: str, wo
             optimizer.step()
             losses.append(loss.item())
 
-    shown = pick(prompts, eval_prompts)
+    shown = ordered(prompts, eval_prompts, f"attack|{name}|{seed}")
+    noise = torch.randn(len(shown), 3, toy.RESOLUTION, toy.RESOLUTION, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         context = soft.encode([p.text for p in shown]).detach()
-        images = toy.sample_contexts(model_patcher, context, toy.encode_prompts(clip, [""]), seed=seed)
+        images = toy.sample_contexts(model_patcher, context, toy.encode_prompts(clip, [""]), noise=noise)
     pred = classify(classifier, images)
     oks = [shows(pred, i, p, kind) for i, p in enumerate(shown)]
     accuracy = sum(oks) / len(oks)
-    return {"accuracy": accuracy, "brought_back": accuracy >= SUCCESS_ACCURACY,
+    return {"accuracy": accuracy, "brought_back": accuracy >= SUCCESS_ACCURACY, "shown": oks, "seed": seed,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "images": images}

@@ -15,6 +15,9 @@ erased, plus its timings. The input MODEL is never changed.
                      ComfyUI's LoraLoader (tests/test_bake.py checks the two agree)
     uce              Unified Concept Editing: the same token sets and closed-form objective as
                      stage 1, solved at full rank with no gate, written into the weights
+    rece             RECE: UCE, then rounds of closed-form adversarial embeddings (the embedding
+                     whose edited keys/values reproduce the concept's original ones), each erased
+                     in turn by re-solving UCE with them added to the concept's tokens
     esd_x            Erased Stable Diffusion, cross-attention variant: the key/value weights
                      fine-tuned with negative guidance, ε(x, c) → ε(x) − η(ε(x, c) − ε(x))
 
@@ -36,7 +39,10 @@ ESD_STEPS = 100  # about ACE's stage-2 time: an ESD step is one backward pass, a
 ESD_LEARNING_RATE = 1e-3
 ESD_GUIDANCE = 1.0  # η of ESD's negative guidance
 
-METHODS = ("ace", "ace_stage1", "ace_ungated", "ace_no_adv", "ace_token_gate", "ace_baked", "uce", "esd_x")
+RECE_ROUNDS = 3
+
+METHODS = ("ace", "ace_stage1", "ace_ungated", "ace_no_adv", "ace_token_gate", "ace_baked", "uce", "rece", "esd_x")
+BASELINES = ("uce", "rece", "esd_x")
 
 
 @dataclass
@@ -92,28 +98,41 @@ def baked(erased: Erased) -> Erased:
 # --- UCE -----------------------------------------------------------------------------------------
 
 def _tokens(model, clip, request):
+    """Stage 0's tokens, as ACE collects them before its own expansion: the baselines differ from
+    ACE in the edit, not in the prompts."""
     pack = host.start()
-    return pack.ace.tokens.collect_request(pack.nodes.comfy_models.text_encoder(model, clip), request)
+    return pack.ace.erasure.request_tokens(pack.nodes.comfy_models.network_of(model, clip), request)
 
 
-def uce(model, clip, request) -> Erased:
+def uce(model, clip, request, rounds: int = 0) -> Erased:
     """Closed form, full rank, ungated: W' = W (I + M) for every key/value projection, with M
-    solved once from all concepts' stacked tokens (UCE's sum over concepts) and the preserve set."""
+    solved once from all concepts' stacked tokens (UCE's sum over concepts) and the preserve set.
+    With `rounds` > 0 this is RECE: each round finds the closed-form adversarial embeddings of the
+    concept tokens against the current edit and re-solves with them added (mapped, like the tokens
+    they come from, onto the neutral ones)."""
     pack = host.start()
     closed_form, comfy_models = pack.ace.closed_form, pack.nodes.comfy_models
     start = time.perf_counter()
     projections = comfy_models.check_model(model)
     weights = comfy_models.projection_weights(model, projections)
     tokens = _tokens(model, clip, request)
-    C = torch.cat([c.C for c in tokens.concepts])
-    N = torch.cat([c.N for c in tokens.concepts])
+    C = torch.cat([c.C for c in tokens.concepts]).double()
+    N = torch.cat([c.N for c in tokens.concepts]).double()
     P = tokens.P.double()
-    M = closed_form.solve_edit(C, N, P.T @ P / len(P), closed_form.ClosedFormConfig())
+    PtP_m, config = P.T @ P / len(P), closed_form.ClosedFormConfig()
+    M = closed_form.solve_edit(C, N, PtP_m, config)
+    gram = closed_form.projection_gram([weights[p.name].detach().cpu() for p in projections])
+    C_all, N_all, found = C, N, []
+    for _ in range(rounds):
+        adversarial = closed_form.adversarial_embeddings(C, gram, M)
+        found.append(adversarial.norm(dim=1).mean().item() / C.norm(dim=1).mean().item())
+        C_all, N_all = torch.cat([C_all, adversarial]), torch.cat([N_all, N])
+        M = closed_form.solve_edit(C_all, N_all, PtP_m, config)
     clone = model.clone()
     for p in projections:
         W = weights[p.name].detach().double().cpu()
         clone.add_patches({f"diffusion_model.{p.name}.weight": ((W @ M).float(),)}, 1.0)
-    return Erased(clone, time.perf_counter() - start, 0.0)
+    return Erased(clone, time.perf_counter() - start, 0.0, info={"adversarial_norm_ratio": found} if rounds else {})
 
 
 # --- ESD-x ---------------------------------------------------------------------------------------
@@ -185,12 +204,14 @@ def esd_x(model, clip, request, steps: int = ESD_STEPS, learning_rate: float = E
 
 # --- one entry point ------------------------------------------------------------------------------
 
-def run_method(name: str, model, clip, request, ace_erased: Erased | None = None, quick: bool = False) -> Erased:
+def run_method(name: str, model, clip, request, ace_erased: Erased | None = None, quick: bool = False,
+               stage1_only: bool = False) -> Erased:
     """Erase `request` from the toy MODEL with method `name` (see METHODS).
 
     `ace_baked` bakes `ace_erased` (the `ace` result for the same request) when given, so
-    the two share one training run; `quick` shortens every training run (for testing the harness)."""
-    steps = 8 if quick else None
+    the two share one training run; `quick` shortens every training run (for testing the harness);
+    `stage1_only` runs every ACE variant without stage 2 (the fast loop for stage-1 work)."""
+    steps = 0 if stage1_only else 8 if quick else None
     if name == "ace":
         return ace(model, clip, request, steps)
     if name == "ace_stage1":
@@ -205,6 +226,8 @@ def run_method(name: str, model, clip, request, ace_erased: Erased | None = None
         return baked(ace_erased or ace(model, clip, request, steps))
     if name == "uce":
         return uce(model, clip, request)
+    if name == "rece":
+        return uce(model, clip, request, rounds=RECE_ROUNDS)
     if name == "esd_x":
         return esd_x(model, clip, request, steps=20 if quick else ESD_STEPS)
     raise ValueError(f"unknown method {name!r}; the benchmark has {METHODS}")

@@ -1,343 +1,473 @@
-"""The ACE benchmark in one command: erase concepts from the toy model with ACE, its ablations and
-two baselines, and measure what is left.
+"""The ACE benchmark in one command: erase concepts from the toy models with ACE, its ablations and
+three baselines, and measure what is left, with 95% intervals.
 
-    .venv/bin/python -m benchmark.run --quick      # ~3 min: does the harness work? (CI runs it)
-    .venv/bin/python -m benchmark.run --full       # ~27 min on a 2-core CPU: the numbers
+    .venv/bin/python -m benchmark.run --quick      # a few minutes on the causal toy: does the harness work? (CI)
+    .venv/bin/python -m benchmark.run --full       # both toys: the numbers (about an hour on a 2-core CPU)
     .venv/bin/python -m benchmark.run --full --prompts my_prompts.json --out /tmp/mine
+    .venv/bin/python -m benchmark.run --toy causal --targets circle --methods ace uce --stage1-only --scaling 10
+
+The last form is the fast loop for method work: one toy, one target, a few methods, stage 1 only,
+one scaling point; the untouched model's pictures come from a cache (.cache/benchmark/).
 
 Writes `results.json`, `report.md` and PNGs (sample grids, H_o per method, scaling) to --out
 (default benchmark/results/full or benchmark/results/quick).
 
-What is measured (MACE's metrics; every accuracy is the benchmark classifier's verdict on the
-model's generations, sampled with ComfyUI's sampler; chance levels are in world.CHANCE):
+What is measured (MACE's metrics; every accuracy is the toy classifier's verdict on the model's
+generations, sampled with ComfyUI's sampler; chance levels are in toy.world.CHANCE):
 - Acc_e: the erased concept prompted with the words the erasure request names (lower is better);
 - Acc_g: the erased concept under rewordings the request never named: its learned synonyms that
   the request left out, and templates training never saw (lower is better);
 - Acc_s: every other concept of the world, each from its own prompts (higher is better);
-- H_o = 3 / (1/(1−Acc_e) + 1/(1−Acc_g) + 1/Acc_s);
-- ASR: the share of erased concepts a soft-prompt attacker brings back (benchmark/attack.py);
-- fid_preserve: Fréchet distance, in the classifier's feature space, between the untouched and
-  the erased model's generations of the other concepts (same prompts, same initial noise);
+- H_o = 3 / (1/(1−Acc_e) + 1/(1−Acc_g) + 1/Acc_s), the mean over targets;
+- ASR: the share of (target, attack seed) pairs a soft-prompt attacker brings back (attack.py);
+- FID: Fréchet distance, in the classifier's feature space, between the untouched and the erased
+  model's generations of the other concepts (same prompts, same initial noise; 0 = unchanged);
 - seconds per concept of stage 1 (with stage 0) and stage 2.
-Every method gets the same request (the target's request words, anchor "", and the other
-concepts' names as the preserve list), the same prompts, seeds and attack budget.
+Every accuracy comes with Wilson's 95% interval, H_o with a bootstrap one (benchmark/stats.py),
+and the report says which differences between ACE and the baselines are within noise.
+Every method gets the same request (the target's request words from the prompt file, anchor "",
+and the other concepts' names as the preserve list), the same prompts, seeds and attack budget.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from benchmark.prompts import load_prompt_file, split_prompts
+from benchmark import stats
+from benchmark.evaluate import measure
+from benchmark.metrics import classifier_features, frechet_distance
+from benchmark.prompts import HELDOUT, load_prompt_file, split_prompts
 from runner import host
 from toy import world
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
+CACHE = Path(__file__).resolve().parents[1] / ".cache" / "benchmark"
+TOYS = ("causal", "bidirectional")  # the causal one first: it reads prompts as SD's CLIP does
 # One target of each kind for the method comparison, erased one at a time.
-TARGETS = [("object", "circle"), ("colour", "blue"), ("style", "striped"), ("entity", "Quillane")]
-# The order concepts are added in for the scaling runs; the last one is the one kept.
-SCALING_ORDER = ["circle", "blue", "striped", "Quillane", "triangle", "red", "checkered", "Brontel", "square", "green",
-                 "solid", "Zarnika", "ring", "yellow", "cross", "Vexmoor", "crescent", "diamond", "hourglass"]
-UNTOUCHED_FLOOR = 0.9  # every concept must reach this on its own prompts, or no number means anything
+TARGETS = ("circle", "blue", "striped", "Quillane")
+# The order concepts are added in for the scaling runs; the last one is the one kept at 18.
+SCALING_ORDER = ("circle", "blue", "striped", "Quillane", "triangle", "red", "checkered", "Brontel", "square", "green",
+                 "solid", "Zarnika", "ring", "yellow", "cross", "Vexmoor", "crescent", "diamond", "hourglass")
+UNTOUCHED_FLOOR = 0.9  # every concept must reach this on every split, or no number means anything
+SPLITS_OF_A_TARGET = ("request", "left_out", "heldout")
 
 
 @dataclass(frozen=True)
 class Budget:
-    targets: tuple
-    untouched_per_concept: int  # generations per concept for the untouched check
-    per_erased: int  # generations of the erased concept for Acc_e, and per generality split for Acc_g
-    per_other: int  # generations per other concept for Acc_s (and the FID)
+    untouched_per_concept: int  # pictures per concept and split for the untouched model's check
+    per_erased: int  # pictures of an erased concept per split (request, left-out, held-out)
+    per_kept: int  # pictures per kept concept in the method comparison (Acc_s and FID)
+    scaling_per_erased: int  # the same in the scaling runs
+    scaling_kept_total: int  # pictures of all kept concepts together per scaling point
     attack_steps: int
     attack_batch: int
-    scaling_sizes: tuple
-    scaling_methods: tuple
-    quick: bool
+    attack_seeds: int  # attacks per (method, target), each from its own seed
 
 
-QUICK = Budget(targets=(("object", "circle"),), untouched_per_concept=16, per_erased=8, per_other=4, attack_steps=4,
-               attack_batch=4, scaling_sizes=(3,), scaling_methods=("ace",), quick=True)
-FULL = Budget(targets=tuple(TARGETS), untouched_per_concept=32, per_erased=24, per_other=12, attack_steps=40,
-              attack_batch=8, scaling_sizes=(1, 3, 10, 18), scaling_methods=("ace", "uce", "esd_x"), quick=False)
+QUICK = Budget(untouched_per_concept=8, per_erased=8, per_kept=4, scaling_per_erased=4, scaling_kept_total=36,
+               attack_steps=4, attack_batch=4, attack_seeds=1)
+# 288 kept pictures per scaling point: a 95% interval of about ±0.025 around an Acc_s of 0.95, so a
+# difference of 0.05 at 10 concepts is resolved.
+FULL = Budget(untouched_per_concept=32, per_erased=24, per_kept=12, scaling_per_erased=8, scaling_kept_total=288,
+              attack_steps=40, attack_batch=8, attack_seeds=2)
 
 
-STARTED = time.perf_counter()
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures."""
+
+    mode: str
+    toys: tuple[str, ...]
+    targets: tuple[str, ...]
+    methods: tuple[str, ...]
+    scaling_sizes: tuple[int, ...]
+    scaling_methods: tuple[str, ...]
+    stage1_only: bool
+    budget: Budget
+    prompt_path: Path
+    out: Path
+    command: str
+
+    def methods_for(self, toy_name: str) -> tuple[str, ...]:
+        """The methods run on a toy: the per-token gate is already ACE's own on the causal toy."""
+        return tuple(m for m in self.methods if not (m == "ace_token_gate" and toy_name == "causal"))
+
+
+START = time.perf_counter()
 
 
 def log(message: str) -> None:
-    print(f"[{time.perf_counter() - STARTED:6.0f} s] {message}", flush=True)
+    print(f"[{time.perf_counter() - START:6.0f} s] {message}", flush=True)
 
 
-def concept_kinds() -> dict[str, str]:
-    return {name: kind for kind, name in world.all_concepts()}
+def kind_of(name: str) -> str:
+    return {name: kind for kind, name in world.all_concepts()}[name]
 
 
-def make_request(erased: list[str], heldout: dict):
+def make_request(erased: list[str], prompt_file: dict):
     """Erase each concept under its request words (the first is the target, the rest synonyms),
-    anchor "", and keep every other concept of the world by name."""
+    anchor "", and keep every other concept of the world by its first request word."""
     concepts = host.start().ace.concepts
-    keep = [heldout["request"][name][0] for name in concept_kinds() if name not in erased]
-    items = [concepts.Concept(heldout["request"][n][0], tuple(heldout["request"][n][1:]), "") for n in erased]
+    keep = [prompt_file["request"][name][0] for _, name in world.all_concepts() if name not in erased]
+    items = [concepts.Concept(prompt_file["request"][n][0], tuple(prompt_file["request"][n][1:]), "") for n in erased]
     return concepts.make_request(items, keep)
 
 
-def measure(model, clip, classifier, erased: list[str], budget: Budget, heldout: dict, reference: dict) -> dict:
-    """Acc_e, Acc_g, Acc_s, H_o and fid_preserve of a MODEL with the concepts `erased` taken out."""
-    from benchmark.evaluate import evaluate_concepts
-    from benchmark.metrics import classifier_features, frechet_distance, harmonic_overall
+# --- the untouched model: its check and its reference pictures (cached) ---------------------------
 
-    kinds = concept_kinds()
-    targets = [(kinds[n], n) for n in erased]
-    direct = evaluate_concepts(model, clip, classifier, targets, split="request", per_concept=budget.per_erased,
-                               prompt_file=heldout)
-    general = [evaluate_concepts(model, clip, classifier, targets, split=s, per_concept=budget.per_erased,
-                                 prompt_file=heldout) for s in ("left_out", "heldout")]
-    others = evaluate_concepts(model, clip, classifier, split="train", per_concept=budget.per_other,
-                               prompt_file=heldout, keep_images=True)
-    kept = [n for n in others if n not in erased]
-    acc_e = sum(direct[n]["accuracy"] for n in erased) / len(erased)
-    acc_g = sum(g[n]["accuracy"] for g in general for n in erased) / (2 * len(erased))
-    acc_s = sum(others[n]["accuracy"] for n in kept) / len(kept)
-    mine = classifier_features(classifier, torch.cat([others[n]["images"] for n in kept]))
-    theirs = classifier_features(classifier, torch.cat([reference[n]["images"] for n in kept]))
-    return {
-        "acc_e": acc_e, "acc_g": acc_g, "acc_s": acc_s, "h_o": harmonic_overall(acc_e, acc_g, acc_s),
-        "fid_preserve": frechet_distance(mine, theirs),
-        "per_concept": {n: {"acc_e": direct[n]["accuracy"], "acc_left_out": general[0][n]["accuracy"],
-                            "acc_heldout": general[1][n]["accuracy"], "chance": direct[n]["chance"]} for n in erased},
-        "acc_s_per_concept": {n: others[n]["accuracy"] for n in kept},
-    }
+def reference_counts(plan: Plan) -> dict[str, int]:
+    """How many reference pictures (train split) each concept needs: as many as any comparison or
+    scaling point draws of it as a kept concept."""
+    names = [name for _, name in world.all_concepts()]
+    counts = {n: plan.budget.untouched_per_concept for n in names}
+    for n in names:
+        if any(n != t for t in plan.targets):
+            counts[n] = max(counts[n], plan.budget.per_kept)
+    for size in plan.scaling_sizes:
+        kept = [n for n in names if n not in SCALING_ORDER[:size]]
+        for n in kept:
+            counts[n] = max(counts[n], kept_count(plan.budget, len(kept)))
+    return counts
 
 
-def sample_rows(target: str, heldout: dict) -> list[tuple[str, str]]:
+def kept_count(budget: Budget, kept: int) -> int:
+    return math.ceil(budget.scaling_kept_total / max(kept, 1))
+
+
+def untouched(toy_name: str, model, clip, classifier, plan: Plan, prompt_file: dict) -> dict:
+    """The untouched model's accuracy per concept and split, and its reference pictures (train
+    split). Pictures are cached per toy weights, prompt file and sampler in .cache/benchmark/: the
+    first n jobs of a concept are the same for every n (`evaluate.jobs`), so a cache of more
+    pictures serves any run that needs fewer."""
+    toy = host.start().toy.model
+    key = hashlib.sha256(json.dumps({
+        "weights": hashlib.sha256(toy.variant(toy_name).weights.read_bytes()).hexdigest(),
+        "prompts": prompt_file, "sampler": toy.DEFAULT_SAMPLER, "version": 2}, sort_keys=True).encode()).hexdigest()[:16]
+    path = CACHE / f"untouched-{toy_name}-{key}.pt"
+    cache = torch.load(path) if path.exists() else {}  # (split, concept) -> {"shown": [...], "pictures": tensor}
+    counts = reference_counts(plan)
+    need = {("train", n): counts[n] for _, n in world.all_concepts()}
+    need |= {(s, n): plan.budget.untouched_per_concept for s in SPLITS_OF_A_TARGET for _, n in world.all_concepts()}
+    missing = {k: v for k, v in need.items() if len(cache.get(k, {}).get("shown", ())) < v}
+    for split in ("train", *SPLITS_OF_A_TARGET):
+        todo = {n: v for (s, n), v in missing.items() if s == split}
+        if todo:
+            measured = measure(model, clip, classifier, [(kind_of(n), n) for n in todo], split, todo, prompt_file)
+            for n, m in measured.items():
+                cache[(split, n)] = {"shown": m.shown, "pictures": m.pictures.half()}
+    if missing:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        torch.save(cache, path)
+        log(f"untouched {toy_name} toy: measured {sum(missing.values())} pictures, cached in {path.name}")
+    accuracy = {s: {n: sum(cache[(s, n)]["shown"][:v]) / v for (s2, n), v in need.items() if s2 == s}
+                for s in ("train", *SPLITS_OF_A_TARGET)}
+    pictures = {n: cache[("train", n)]["pictures"][:counts[n]] for _, n in world.all_concepts()}
+    return {"accuracy": accuracy, "chance": {n: world.CHANCE[k] for k, n in world.all_concepts()},
+            "pictures": pictures}
+
+
+# --- scoring one erased model ---------------------------------------------------------------------
+
+@dataclass
+class Scored:
+    """One erased model measured: the judged pictures behind H_o, the FID, the attacks."""
+
+    judged: stats.Judged
+    per_split: dict[str, dict[str, float]]  # split -> erased concept -> accuracy
+    acc_s_per_concept: dict[str, float]
+    fid: float
+    attacks: list[dict]
+    stage1_seconds: float
+    stage2_seconds: float
+    info: dict
+
+    def summary(self) -> dict:
+        j = self.judged
+        return {"acc_e": stats.share(j.erased).to_json(), "acc_g": stats.share(j.general).to_json(),
+                "acc_s": stats.share(j.kept).to_json(), "h_o": j.h_o(), "fid_preserve": self.fid,
+                "per_split": self.per_split, "acc_s_per_concept": self.acc_s_per_concept,
+                "attacks": [{k: v for k, v in a.items() if k != "images"} for a in self.attacks],
+                "stage1_seconds": self.stage1_seconds, "stage2_seconds": self.stage2_seconds, "info": self.info}
+
+
+def score(erased, clip, classifier, names: list[str], per_erased: int, kept: dict[str, int], reference: dict,
+          prompt_file: dict) -> tuple[stats.Judged, dict, dict, float]:
+    """Judge the erased concepts on their three splits and the kept ones on their own prompts."""
+    model = erased.model
+    targets = [(kind_of(n), n) for n in names]
+    by_split = {s: measure(model, clip, classifier, targets, s, per_erased, prompt_file) for s in SPLITS_OF_A_TARGET}
+    others = measure(model, clip, classifier, [(kind_of(n), n) for n in kept], "train", kept, prompt_file)
+    judged = stats.Judged(
+        erased=[ok for n in names for ok in by_split["request"][n].shown],
+        general=[ok for s in ("left_out", "heldout") for n in names for ok in by_split[s][n].shown],
+        kept=[ok for m in others.values() for ok in m.shown])
+    mine = torch.cat([m.pictures for m in others.values()])
+    theirs = torch.cat([reference["pictures"][n][:kept[n]].float() for n in others])
+    fid = frechet_distance(classifier_features(classifier, mine), classifier_features(classifier, theirs))
+    per_split = {s: {n: by_split[s][n].accuracy for n in names} for s in SPLITS_OF_A_TARGET}
+    return judged, per_split, {n: m.accuracy for n, m in others.items()}, fid
+
+
+def attack_all(erased, clip, classifier, target: str, plan: Plan, prompt_file: dict) -> list[dict]:
+    from benchmark import attack
+
+    word = prompt_file["request"][target][0]
+    return [attack.soft_prompt_attack(erased.model, clip, classifier, kind_of(target), target, word, prompt_file,
+                                      steps=plan.budget.attack_steps, batch=plan.budget.attack_batch, seed=seed)
+            for seed in range(plan.budget.attack_seeds)]
+
+
+# --- the three parts of a toy's run ---------------------------------------------------------------
+
+def compare_methods(toy_name: str, model, clip, classifier, plan: Plan, prompt_file: dict, reference: dict):
+    """Every method on every target, one target at a time: {method: {target: Scored}}, and the
+    pictures of the sample grids."""
+    from benchmark import methods as erasers
+
+    results: dict[str, dict[str, Scored]] = {m: {} for m in plan.methods_for(toy_name)}
+    grids = {}
+    names = [n for _, n in world.all_concepts()]
+    for target in plan.targets:
+        request = make_request([target], prompt_file)
+        kept = {n: plan.budget.per_kept for n in names if n != target}
+        rows = sample_rows(target, prompt_file)
+        columns = {"untouched": sample(model, clip, rows)}
+        ace_result = None
+        for method in results:
+            erased = erasers.run_method(method, model, clip, request, ace_erased=ace_result, quick=plan.mode == "quick",
+                                        stage1_only=plan.stage1_only)
+            if method == "ace":
+                ace_result = erased
+            judged, per_split, acc_s, fid = score(erased, clip, classifier, [target], plan.budget.per_erased, kept,
+                                                  reference, prompt_file)
+            attacks = attack_all(erased, clip, classifier, target, plan, prompt_file)
+            results[method][target] = Scored(judged, per_split, acc_s, fid, attacks, erased.stage1_seconds,
+                                             erased.stage2_seconds, erased.info)
+            columns[method] = sample(erased.model, clip, rows)
+            log(f"{toy_name:<13} {target:<9} {method:<15} Acc_e {stats.share(judged.erased)}  "
+                f"Acc_g {stats.share(judged.general)}  Acc_s {stats.share(judged.kept)}  H_o {judged.h_o():.3f}  "
+                f"attack {sum(a['accuracy'] for a in attacks) / len(attacks):.2f}  FID {fid:.1f}  "
+                f"stage 1 {erased.stage1_seconds:.1f} s  stage 2 {erased.stage2_seconds:.1f} s")
+        grids[target] = (rows, columns)
+    return results, grids
+
+
+def scaling(toy_name: str, model, clip, classifier, plan: Plan, prompt_file: dict, reference: dict) -> list[dict]:
+    """Several concepts erased at once (the first n of SCALING_ORDER)."""
+    from benchmark import methods as erasers
+
+    out = []
+    names = [n for _, n in world.all_concepts()]
+    for size in plan.scaling_sizes:
+        erased_names = list(SCALING_ORDER[:size])
+        kept_names = [n for n in names if n not in erased_names]
+        kept = {n: kept_count(plan.budget, len(kept_names)) for n in kept_names}
+        request = make_request(erased_names, prompt_file)
+        for method in plan.scaling_methods:
+            erased = erasers.run_method(method, model, clip, request, quick=plan.mode == "quick",
+                                        stage1_only=plan.stage1_only)
+            judged, _, acc_s, fid = score(erased, clip, classifier, erased_names, plan.budget.scaling_per_erased, kept,
+                                          reference, prompt_file)
+            row = {"method": method, "n_concepts": size, "acc_e": stats.share(judged.erased).to_json(),
+                   "acc_g": stats.share(judged.general).to_json(), "acc_s": stats.share(judged.kept).to_json(),
+                   "h_o": judged.h_o(), "fid_preserve": fid, "acc_s_per_concept": acc_s,
+                   "seconds": erased.stage1_seconds + erased.stage2_seconds}
+            out.append(row)
+            log(f"{toy_name:<13} scaling {method:<7} {size:>2} concepts  Acc_e {stats.share(judged.erased)}  "
+                f"Acc_g {stats.share(judged.general)}  Acc_s {stats.share(judged.kept)}  H_o {judged.h_o():.3f}  "
+                f"FID {fid:.1f}  ({row['seconds']:.1f} s)")
+    return out
+
+
+def summarize(results: dict[str, dict[str, Scored]], plan: Plan) -> dict:
+    """Per method: pooled accuracies with intervals, mean H_o with its bootstrap interval, ASR
+    over (target, seed) pairs, and the differences of ACE to each baseline."""
+    summary = {}
+    for method, by_target in results.items():
+        scored = list(by_target.values())
+        attacks = [a for s in scored for a in s.attacks]
+        summary[method] = {
+            "acc_e": stats.share([x for s in scored for x in s.judged.erased]).to_json(),
+            "acc_g": stats.share([x for s in scored for x in s.judged.general]).to_json(),
+            "acc_s": stats.share([x for s in scored for x in s.judged.kept]).to_json(),
+            "h_o": stats.h_o_interval([s.judged for s in scored]).to_json(),
+            "asr": stats.share([a["brought_back"] for a in attacks]).to_json(),
+            "attack_accuracy": stats.share([ok for a in attacks for ok in a["shown"]]).to_json(),
+            "fid_preserve": sum(s.fid for s in scored) / len(scored),
+            "stage1_s_per_concept": sum(s.stage1_seconds for s in scored) / len(scored),
+            "stage2_s_per_concept": sum(s.stage2_seconds for s in scored) / len(scored),
+            "per_target": {t: s.summary() for t, s in by_target.items()},
+        }
+    if "ace" in results:
+        summary["ace"]["difference_to"] = {}
+        for other in results:
+            if other != "ace":
+                d = stats.h_o_difference([s.judged for s in results["ace"].values()],
+                                         [s.judged for s in results[other].values()])
+                summary["ace"]["difference_to"][other] = {"h_o": d.to_json(), "within_noise": stats.within_noise(d)}
+    return summary
+
+
+def sample_rows(target: str, prompt_file: dict) -> list[tuple[str, str]]:
     """(label, prompt) rows of a before/after grid for one erased target."""
-    kinds = concept_kinds()
-    kind = kinds[target]
-    direct = split_prompts(kind, target, "request", heldout)
-    left_out = split_prompts(kind, target, "left_out", heldout)
-    unseen = split_prompts(kind, target, "heldout", heldout)
+    kind = kind_of(target)
+    direct = split_prompts(kind, target, "request", prompt_file)
+    left_out = split_prompts(kind, target, "left_out", prompt_file)
+    unseen = split_prompts(kind, target, "heldout", prompt_file)
     rows = [("erased", direct[0].text), ("erased", direct[len(direct) // 2].text),
             ("left-out synonym", left_out[0].text), ("held-out template", unseen[-1].text)]
     for name in SCALING_ORDER:  # four other concepts, each from a prompt that does not ask for the target
-        prompts = world.concept_prompts(kinds[name], name)
+        prompts = world.concept_prompts(kind_of(name), name)
         clean = [p for p in prompts if target not in (p.object, p.colour, p.style, p.entity)]
         if name != target and clean and len(rows) < 8:
             rows.append((f"other ({name})", clean[len(clean) // 3].text))
     return rows
 
 
-def run(budget: Budget, out: Path, heldout_path: Path | None = None, methods: tuple | None = None,
-        toy_name: str = "bidirectional") -> dict:
-    from benchmark import attack, methods as erasers, plots
-    from benchmark.evaluate import evaluate_concepts
+def sample(model, clip, rows: list[tuple[str, str]]) -> torch.Tensor:
+    """One picture per grid row, from a fixed seed per row, so every column is comparable."""
+    toy = host.start().toy.model
+    context = toy.encode_prompts(clip, [p for _, p in rows])
+    noise = torch.randn(len(rows), 3, toy.RESOLUTION, toy.RESOLUTION, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return toy.sample_contexts(model, context, toy.encode_prompts(clip, [""]), noise=noise)
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+def run_toy(toy_name: str, plan: Plan, prompt_file: dict) -> dict:
+    from benchmark import plots
     from runner.pictures import Row, grid
     from toy.classifier import load_classifier
 
     toy = host.start().toy.model
-    heldout = load_prompt_file(heldout_path)
-    methods = methods or erasers.METHODS
-    out.mkdir(parents=True, exist_ok=True)
     model, clip, _ = toy.load_toy_model(toy_name)
-    generate = toy.generate
     classifier = load_classifier()
     log(f"{toy_name} toy model loaded; machine: {host.machine()}")
-
-    # 1. The untouched model must render every concept, or no erasure number means anything.
-    untouched = evaluate_concepts(model, clip, classifier, split="train", per_concept=budget.untouched_per_concept,
-                                  prompt_file=heldout)
-    untouched_acc = {n: r["accuracy"] for n, r in untouched.items()}
-    failing = {n: a for n, a in untouched_acc.items() if a < UNTOUCHED_FLOOR}
-    log(f"untouched model: lowest accuracy {min(untouched_acc.values()):.3f} ({min(untouched_acc, key=untouched_acc.get)})")
-    reference = evaluate_concepts(model, clip, classifier, split="train", per_concept=budget.per_other,
-                                  prompt_file=heldout, keep_images=True)
-    untouched_generality = {}
-    for kind, name in budget.targets:
-        untouched_generality[name] = {s: evaluate_concepts(model, clip, classifier, [(kind, name)], split=s,
-                                                           per_concept=budget.per_erased, prompt_file=heldout)[name]["accuracy"]
-                                      for s in ("request", "left_out", "heldout")}
-
-    # 2. Every method on every target, one target at a time.
-    per_target: dict[str, dict[str, dict]] = {m: {} for m in methods}
-    grids: dict[str, list] = {}
-    for kind, name in budget.targets:
-        request = make_request([name], heldout)
-        rows = sample_rows(name, heldout)
-        with torch.no_grad():
-            grid_columns = {"untouched": generate(model, clip, [p for _, p in rows], seed=7)}
-        ace_result = None
-        for method in methods:
-            erased = erasers.run_method(method, model, clip, request, ace_erased=ace_result, quick=budget.quick)
-            if method == "ace":
-                ace_result = erased
-            scores = measure(erased.model, clip, classifier, [name], budget, heldout, reference)
-            word = heldout["request"][name][0]
-            hit = attack.soft_prompt_attack(erased.model, clip, classifier, kind, name, word, heldout,
-                                            steps=budget.attack_steps, batch=budget.attack_batch)
-            scores.update(attack_accuracy=hit["accuracy"], brought_back=hit["brought_back"],
-                          stage1_seconds=erased.stage1_seconds, stage2_seconds=erased.stage2_seconds)
-            per_target[method][name] = scores
-            with torch.no_grad():
-                grid_columns[method] = generate(erased.model, clip, [p for _, p in rows], seed=7)
-            log(f"{name:<9} {method:<16} Acc_e {scores['acc_e']:.2f}  Acc_g {scores['acc_g']:.2f}  "
-                f"Acc_s {scores['acc_s']:.2f}  H_o {scores['h_o']:.2f}  attack {hit['accuracy']:.2f}  "
-                f"FID {scores['fid_preserve']:.2f}  stage 1 {erased.stage1_seconds:.1f} s  stage 2 {erased.stage2_seconds:.1f} s")
-        columns = list(grid_columns)
-        grid([Row([label, prompt], [[grid_columns[c][i]] for c in columns]) for i, (label, prompt) in enumerate(rows)],
-             columns, scale=4, label_width=300).save(out / f"samples_{name}.png")
-        grids[name] = f"samples_{name}.png"
-
-    summary = {}
-    for method, by_target in per_target.items():
-        n = len(by_target)
-        mean = {k: sum(r[k] for r in by_target.values()) / n
-                for k in ("acc_e", "acc_g", "acc_s", "fid_preserve", "stage1_seconds", "stage2_seconds")}
-        summary[method] = {
-            "acc_e": mean["acc_e"], "acc_g": mean["acc_g"], "acc_s": mean["acc_s"],
-            "h_o": sum(r["h_o"] for r in by_target.values()) / n,
-            "asr": sum(r["brought_back"] for r in by_target.values()) / n,
-            "attack_accuracy": sum(r["attack_accuracy"] for r in by_target.values()) / n,
-            "fid_preserve": mean["fid_preserve"],
-            "stage1_s_per_concept": mean["stage1_seconds"],
-            "stage2_s_per_concept": mean["stage2_seconds"],
-            "per_target": by_target,
-        }
-
-    # 3. Scaling: several concepts erased at once.
-    scaling = []
-    for n_concepts in budget.scaling_sizes:
-        erased_names = SCALING_ORDER[:n_concepts]
-        request = make_request(erased_names, heldout)
-        for method in budget.scaling_methods:
-            if n_concepts == 1 and budget.targets and erased_names[0] == budget.targets[0][1] and method in per_target:
-                r = per_target[method][erased_names[0]]  # the same run as the comparison's first target
-                seconds = r["stage1_seconds"] + r["stage2_seconds"]
-            else:
-                erased = erasers.run_method(method, model, clip, request, quick=budget.quick)
-                r = measure(erased.model, clip, classifier, erased_names, budget, heldout, reference)
-                seconds = erased.stage1_seconds + erased.stage2_seconds
-            scaling.append({"method": method, "n_concepts": n_concepts, "acc_e": r["acc_e"], "acc_g": r["acc_g"],
-                            "acc_s": r["acc_s"], "h_o": r["h_o"], "fid_preserve": r["fid_preserve"],
-                            "seconds": seconds})
-            log(f"scaling {method:<6} {n_concepts:>2} concepts  Acc_e {r['acc_e']:.2f}  Acc_g {r['acc_g']:.2f}  "
-                f"Acc_s {r['acc_s']:.2f}  H_o {r['h_o']:.2f}  ({seconds:.1f} s)")
-
-    results = {
-        "untouched": {"per_concept_acc": untouched_acc, "chance": {n: r["chance"] for n, r in untouched.items()},
-                      "floor": UNTOUCHED_FLOOR, "passes": not failing, "targets": untouched_generality},
-        "methods": summary,
-        "scaling": scaling,
-        "machine": host.machine(),
-        "toy": toy_name,
-        "mode": "quick" if budget.quick else "full",
-        "budget": asdict(budget),
-        "sampler": toy.DEFAULT_SAMPLER,
-        "prompts": str(heldout_path or "benchmark/prompts/heldout.json"),
-        "attack": {"success_accuracy": attack.SUCCESS_ACCURACY, "steps": budget.attack_steps, "batch": budget.attack_batch},
-        "training": {"ace": erasers.ACE_TRAINING, "esd_x": {"steps": erasers.ESD_STEPS, "learning_rate": erasers.ESD_LEARNING_RATE}},
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plots.bar_chart({m: s["h_o"] for m, s in summary.items()}, out / "h_o.png", "H_o per method (mean over targets)")
-    if scaling:
+    reference = untouched(toy_name, model, clip, classifier, plan, prompt_file)
+    accuracy = reference["accuracy"]
+    lowest = min((a, n, s) for s, per in accuracy.items() for n, a in per.items())
+    log(f"untouched {toy_name} toy: lowest accuracy {lowest[0]:.3f} ({lowest[1]}, {lowest[2]})")
+    results, grids = compare_methods(toy_name, model, clip, classifier, plan, prompt_file, reference)
+    scaled = scaling(toy_name, model, clip, classifier, plan, prompt_file, reference)
+    out = plan.out / toy_name
+    out.mkdir(parents=True, exist_ok=True)
+    for target, (rows, columns) in grids.items():
+        grid([Row([label, prompt], [[columns[c][i]] for c in columns]) for i, (label, prompt) in enumerate(rows)],
+             list(columns), scale=4, label_width=300).save(out / f"samples_{target}.png")
+    summary = summarize(results, plan)
+    plots.bar_chart({m: s["h_o"]["value"] for m, s in summary.items()}, out / "h_o.png",
+                    f"H_o per method, {toy_name} toy (mean over targets)")
+    if scaled:
         series: dict[str, list] = {}
-        for row in scaling:
-            series.setdefault(f"{row['method']} Acc_s", []).append((row["n_concepts"], row["acc_s"]))
-            series.setdefault(f"{row['method']} H_o", []).append((row["n_concepts"], row["h_o"]))
-        plots.line_chart(series, out / "scaling.png", "Erasing several concepts at once", "concepts erased")
-    (out / "report.md").write_text(report(results, grids))
-    log(f"wrote {out / 'results.json'}, {out / 'report.md'} and the PNGs")
+        for row in scaled:
+            series.setdefault(f"{row['method']} Acc_s", []).append((row["n_concepts"], row["acc_s"]["value"]))
+        plots.line_chart(series, out / "scaling.png", f"Erasing several concepts at once, {toy_name} toy",
+                         "concepts erased")
+    return {
+        "untouched": {"accuracy": accuracy, "chance": reference["chance"], "floor": UNTOUCHED_FLOOR,
+                      "passes": lowest[0] >= UNTOUCHED_FLOOR, "per_concept": plan.budget.untouched_per_concept},
+        "methods": summary,
+        "scaling": scaled,
+        "grids": {t: f"{toy_name}/samples_{t}.png" for t in grids},
+    }
+
+
+def run(plan: Plan) -> dict:
+    from benchmark import attack, methods as erasers
+    from benchmark.report import report
+
+    prompt_file = load_prompt_file(plan.prompt_path)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "mode": plan.mode,
+        "command": plan.command,
+        "machine": host.machine(),
+        "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
+        "sampler": host.start().toy.model.DEFAULT_SAMPLER,
+        "attack": {"success_accuracy": attack.SUCCESS_ACCURACY, "steps": plan.budget.attack_steps,
+                   "batch": plan.budget.attack_batch, "seeds": plan.budget.attack_seeds},
+        "training": {"ace": erasers.ACE_TRAINING, "esd_x": {"steps": erasers.ESD_STEPS,
+                                                           "learning_rate": erasers.ESD_LEARNING_RATE},
+                     "rece": {"rounds": erasers.RECE_ROUNDS}},
+        "toys": {},
+    }
+    for toy_name in plan.toys:
+        started = time.perf_counter()
+        results["toys"][toy_name] = run_toy(toy_name, plan, prompt_file)
+        results["toys"][toy_name]["seconds"] = time.perf_counter() - started
+        (plan.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    results["seconds"] = time.perf_counter() - START
+    (plan.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (plan.out / "report.md").write_text(report(results))
+    log(f"wrote {plan.out / 'results.json'}, {plan.out / 'report.md'} and the PNGs")
     return results
 
 
-def report(results: dict, grids: dict[str, str]) -> str:
-    """The Markdown report of a run."""
-    from benchmark.metrics import harmonic_overall
+def parse_plan(argv=None) -> Plan:
+    from benchmark import methods as erasers
 
-    untouched = results["untouched"]
-    lines = [
-        f"# ACE benchmark on the toy world ({results['mode']} run)",
-        "",
-        f"Machine: {results['machine']}. Command: `python -m benchmark.run --{results['mode']}`. "
-        "Numbers come from the toy world of `benchmark/` (16x16 pictures, a 4.6 M-parameter UNet on MiniLM), "
-        "not from Stable Diffusion.",
-        "",
-        "## Untouched model",
-        "",
-        f"Every concept on its own prompts: lowest {min(untouched['per_concept_acc'].values()):.3f} "
-        f"({'passes' if untouched['passes'] else 'FAILS'} the {untouched['floor']:.0%} floor).",
-        "",
-        "| target | chance | request words | left-out synonyms | held-out templates |",
-        "|---|---|---|---|---|",
-    ]
-    for name, accs in untouched["targets"].items():
-        lines.append(f"| {name} | {untouched['chance'][name]:.3f} | {accs['request']:.2f} | {accs['left_out']:.2f} | {accs['heldout']:.2f} |")
-    lines += [
-        "",
-        "## Methods (mean over targets: " + ", ".join(untouched["targets"]) + ")",
-        "",
-        "Acc_e and Acc_g: lower is better (floor: the chance level); Acc_s and H_o: higher is better; "
-        "ASR: share of erased concepts a soft-prompt attacker brings back; attack acc.: the attacker's mean accuracy; "
-        "FID: Fréchet distance of the other concepts' generations to the untouched model's (classifier features, 0 = unchanged).",
-        "",
-        "| method | Acc_e | Acc_g | Acc_s | H_o | ASR | attack acc. | FID | stage 1 s/concept | stage 2 s/concept |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for method, s in results["methods"].items():
-        lines.append(f"| {method} | {s['acc_e']:.3f} | {s['acc_g']:.3f} | {s['acc_s']:.3f} | {s['h_o']:.3f} | {s['asr']:.2f} | "
-                     f"{s['attack_accuracy']:.2f} | {s['fid_preserve']:.2f} | {s['stage1_s_per_concept']:.2f} | {s['stage2_s_per_concept']:.2f} |")
-    chance = [untouched["chance"][n] for n in untouched["targets"]]
-    best = sum(harmonic_overall(c, c, 1.0) for c in chance) / max(len(chance), 1)
-    lines += ["", f"Best possible H_o here (erased concept at chance, everything else perfect): {best:.3f}.", ""]
-    lines += ["### Per target", "", "| method | target | Acc_e | left-out | held-out | Acc_s | H_o | attack acc. |", "|---|---|---|---|---|---|---|---|"]
-    for method, s in results["methods"].items():
-        for name, r in s["per_target"].items():
-            pc = r["per_concept"][name]
-            lines.append(f"| {method} | {name} | {pc['acc_e']:.2f} | {pc['acc_left_out']:.2f} | {pc['acc_heldout']:.2f} | "
-                         f"{r['acc_s']:.2f} | {r['h_o']:.2f} | {r['attack_accuracy']:.2f} |")
-    if results["scaling"]:
-        lines += ["", "## Scaling", "", "| method | concepts erased | Acc_e | Acc_g | Acc_s | H_o | FID | seconds |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in results["scaling"]:
-            lines.append(f"| {r['method']} | {r['n_concepts']} | {r['acc_e']:.3f} | {r['acc_g']:.3f} | {r['acc_s']:.3f} | "
-                         f"{r['h_o']:.3f} | {r['fid_preserve']:.2f} | {r['seconds']:.1f} |")
-        lines += ["", "![scaling](scaling.png)"]
-    lines += ["", "## Samples", "", "Same prompts and seed in every column; columns are the untouched model and each method.", ""]
-    lines += [f"![{name}]({path})" for name, path in grids.items()]
-    lines += ["", "![H_o per method](h_o.png)", ""]
-    return "\n".join(lines)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a few minutes on the causal toy: checks the harness")
+    ap.add_argument("--full", action="store_true", help="the benchmark's numbers, both toys (about an hour on 2 CPU cores)")
+    ap.add_argument("--toy", choices=(*TOYS, "both"), default=None,
+                    help="which toy model (default: both with --full, causal otherwise)")
+    ap.add_argument("--targets", nargs="+", default=None, metavar="CONCEPT",
+                    help=f"concepts to erase one at a time (default {' '.join(TARGETS)}; quick: circle)")
+    ap.add_argument("--methods", nargs="+", default=None, metavar="METHOD", help=f"a subset of {', '.join(erasers.METHODS)}")
+    ap.add_argument("--scaling", nargs="*", type=int, default=None, metavar="N",
+                    help="numbers of concepts erased at once (default 1 3 10 18; quick: 3; none: skip)")
+    ap.add_argument("--scaling-methods", nargs="+", default=None, metavar="METHOD",
+                    help="methods of the scaling runs (default ace uce rece esd_x; quick: ace)")
+    ap.add_argument("--stage1-only", action="store_true", help="ACE and its variants without stage 2 (fast loop)")
+    ap.add_argument("--prompts", type=Path, default=None, help="a prompt file in the schema of benchmark/prompts/heldout.json")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default benchmark/results/<mode>)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick and args.full:
+        ap.error("--quick and --full exclude each other")
+    mode = "quick" if args.quick else "full" if args.full else "custom"
+    budget = QUICK if args.quick else FULL
+    toys = TOYS if (args.toy == "both" or (args.toy is None and args.full)) else (args.toy or "causal",)
+    names = [n for _, n in world.all_concepts()]
+    targets = tuple(args.targets or (("circle",) if args.quick else TARGETS))
+    methods = tuple(args.methods or erasers.METHODS)
+    scaling_sizes = tuple(args.scaling if args.scaling is not None else ((3,) if args.quick else (1, 3, 10, 18)))
+    scaling_methods = tuple(args.scaling_methods or (("ace",) if args.quick else ("ace", *erasers.BASELINES)))
+    try:
+        load_prompt_file(args.prompts)  # fail now, not after the first erasure
+        for name in targets:
+            if name not in names:
+                raise ValueError(f"unknown target {name!r}; the toy world has {', '.join(names)}")
+        for m in (*methods, *scaling_methods):
+            if m not in erasers.METHODS:
+                raise ValueError(f"unknown method {m!r}; choose from {', '.join(erasers.METHODS)}")
+        for n in scaling_sizes:
+            if not 1 <= n <= len(SCALING_ORDER) - 1:
+                raise ValueError(f"--scaling takes numbers of concepts from 1 to {len(SCALING_ORDER) - 1}, got {n}")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    command = "python -m benchmark.run " + " ".join(sys.argv[1:] if argv is None else argv)
+    return Plan(mode, toys, targets, methods, scaling_sizes, scaling_methods, args.stage1_only, budget,
+                args.prompts or HELDOUT, args.out or RESULTS / mode, command)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = ap.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--quick", action="store_true", help="a few minutes: checks the harness and the untouched model")
-    mode.add_argument("--full", action="store_true", help="the benchmark's numbers (about 27 minutes on 2 CPU cores)")
-    ap.add_argument("--prompts", type=Path, default=None, help="a prompt file in the schema of benchmark/prompts/heldout.json")
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default benchmark/results/<mode>)")
-    ap.add_argument("--methods", nargs="+", default=None, help="a subset of the methods")
-    ap.add_argument("--toy", choices=("causal", "bidirectional"), default="bidirectional", help="which toy model")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    budget = QUICK if args.quick else FULL
-    out = args.out or RESULTS / ("quick" if args.quick else "full")
-    try:
-        if args.prompts:
-            load_prompt_file(args.prompts)  # fail now, not after the first erasure
-        from benchmark.methods import METHODS
-
-        unknown = [m for m in args.methods or () if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    results = run(budget, out, args.prompts, tuple(args.methods) if args.methods else None, args.toy)
-    if not results["untouched"]["passes"]:
-        raise SystemExit("error: the untouched model misses the accuracy floor; its numbers mean nothing")
+    plan = parse_plan()
+    results = run(plan)
+    failing = [t for t, r in results["toys"].items() if not r["untouched"]["passes"]]
+    if failing:
+        raise SystemExit(f"error: the untouched {', '.join(failing)} toy misses the accuracy floor; its numbers mean nothing")
 
 
 if __name__ == "__main__":

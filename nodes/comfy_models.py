@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from typing import Iterator
 
 import comfy.lora
@@ -88,6 +89,137 @@ class ClipTextEncoder:
                 windows.setdefault(key, []).append(chunks[0])
         cond = self.clip.encode_from_tokens(windows)
         return cond.reshape(len(prompts), -1, cond.shape[-1])
+
+    def vocabulary(self) -> list[str]:
+        """The tokenizer's whole words: alphabetic, three letters or more (BPE word-final tokens
+        without their `</w>` mark; WordPiece tokens that do not continue a word)."""
+        vocab = self.tokenizer.tokenizer.get_vocab()
+        word_final = any(t.endswith("</w>") for t in vocab)
+        words = {t.removesuffix("</w>") for t in vocab if (t.endswith("</w>") or not word_final)}
+        return sorted(w for w in words if len(w) >= 3 and w.isalpha() and w.isascii())
+
+    @property
+    def scan_budget(self) -> int:
+        """How many words concept expansion should encode: every word is a forward pass of its own,
+        cheap when the prompt can be cut right after the word or on a GPU, 77 tokens long with
+        ComfyUI's CLIP on a CPU (minutes for thousands of words)."""
+        if comfy.model_management.get_torch_device().type == "cuda":
+            return 4096
+        self._last_token(["a"], self.start_tokens)  # learns whether this encoder takes cut prompts
+        return 256 if _NEEDS_WHOLE_WINDOW.get(self.clip.cond_stage_model, False) else 4096
+
+    def static_embeddings(self, words) -> torch.Tensor:
+        """Each word's input token embedding (the mean over its tokens; the towers side by side), `[n, d]`:
+        no forward pass, so the whole vocabulary costs nothing."""
+        self.clip.load_model()
+        vocab = self.tokenizer.tokenizer.get_vocab()
+        suffix = "</w>" if any(t.endswith("</w>") for t in vocab) else ""
+        towers = list(self.clip.tokenize("").keys())
+        ids = []  # a vocabulary word is one token, the same id in every tower (SDXL's two CLIPs share it)
+        for w in words:
+            single = vocab.get(w + suffix)
+            ids.append({t: [single] for t in towers} if single is not None else self._phrase_ids(w))
+        parts = []
+        for tower in towers:
+            table = self._tower(tower).transformer.get_input_embeddings().weight.detach().float().cpu()
+            parts.append(torch.stack([table[i[tower]].mean(0) if i[tower] else torch.zeros(table.shape[1]) for i in ids]))
+        return torch.cat(parts, dim=1)
+
+    def encode_words(self, words) -> torch.Tensor:
+        """Each word's embedding at its last token where it stands as a prompt's only word, `[n, d]`.
+        Cached per word for each CLIP and its patches."""
+        cache = _WORD_CACHE.setdefault(self.clip.cond_stage_model, {}).setdefault(self.clip.patcher.patches_uuid, {})
+        missing = [w for w in dict.fromkeys(words) if w not in cache]
+        if missing:
+            cache.update(zip(missing, self._encode_words(missing)))
+        return torch.stack([cache[w] for w in words])
+
+    def _encode_words(self, words: list[str], batch: int = 512) -> torch.Tensor:
+        """The prompt is cut right after the word where the encoder allows it (BERT does; ComfyUI's
+        CLIP adds all 77 position embeddings, so it gets the whole padded window, at 77 times the cost)."""
+        out = torch.empty(len(words), clip_width(self.clip))
+        by_count: dict[int, list[int]] = {}
+        for i, word in enumerate(words):
+            by_count.setdefault(self.count_tokens(word), []).append(i)
+        with torch.no_grad():
+            for n, indices in by_count.items():
+                for start in range(0, len(indices), batch):
+                    chunk = indices[start:start + batch]
+                    out[chunk] = self._last_token([words[i] for i in chunk], self.start_tokens + n - 1)
+        return out
+
+    def _last_token(self, words: list[str], position: int) -> torch.Tensor:
+        """The embeddings at `position` of one-word prompts, cut right after it when the encoder allows."""
+        tokens = [self.clip.tokenize(w) for w in words]
+        full = _NEEDS_WHOLE_WINDOW.get(self.clip.cond_stage_model, False)
+        for cut in ((None,) if full else (position + 1, None)):
+            towers = {k: [[(t, 1.0) for t, _ in tok[k][0][:cut]] for tok in tokens] for k in tokens[0]}
+            try:
+                cond = self.clip.encode_from_tokens(towers)
+            except RuntimeError:  # this encoder needs its whole window
+                _NEEDS_WHOLE_WINDOW[self.clip.cond_stage_model] = True
+                continue
+            return cond.reshape(len(words), -1, cond.shape[-1])[:, position].float().cpu()
+        raise RuntimeError("the text encoder did not encode a one-word prompt")
+
+    def _phrase_ids(self, phrase: str) -> dict[str, list[int]]:
+        n = self.count_tokens(phrase)
+        return {tower: [t for t, _ in chunks[0]][self.start_tokens:self.start_tokens + n]
+                for tower, chunks in self.clip.tokenize(phrase).items()}
+
+    def _tower(self, key: str) -> torch.nn.Module:
+        model = self.clip.cond_stage_model
+        return getattr(model, f"clip_{key}", None) or getattr(model, key)
+
+    def soft_word(self, phrase: str) -> dict[str, torch.Tensor]:
+        """The phrase's input token embeddings in each tower of the text encoder."""
+        self.clip.load_model()
+        return {tower: self._tower(tower).transformer.get_input_embeddings().weight[ids].detach().float().clone()
+                for tower, ids in self._phrase_ids(phrase).items()}
+
+    def encode_soft(self, prompts, phrase: str, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`encode`, with `phrase` in each prompt replaced by `vectors` (ComfyUI's own path for
+        textual-inversion embeddings), differentiable in them."""
+        self.clip.load_model()
+        autograd_safe(self.clip.cond_stage_model)  # weights made in inference mode cannot be backpropagated through
+        wanted = self._phrase_ids(phrase)
+        windows: dict[str, list] = {}
+        for prompt in prompts:
+            for tower, chunks in self.clip.tokenize(prompt).items():
+                ids, n = [t for t, _ in chunks[0]], len(wanted[tower])
+                at = next((i for i in range(len(ids) - n + 1) if ids[i:i + n] == wanted[tower]), None)
+                if at is None:
+                    raise ValueError(f"'{phrase}' is not in the prompt '{prompt}'")
+                window = [(t, 1.0) for t in ids[:at]] + [(vectors[tower], 1.0)] + [(t, 1.0) for t in ids[at + n:]]
+                windows.setdefault(tower, []).append(window)
+        with differentiable_clip_layers():
+            cond = self.clip.encode_from_tokens(windows)
+        return cond.reshape(len(prompts), -1, cond.shape[-1])
+
+
+@contextlib.contextmanager
+def differentiable_clip_layers() -> Iterator[None]:
+    """ComfyUI's CLIP layers add their residuals in place (`x += ...`), over the tensor their layer
+    norm saved for the backward pass, so autograd cannot go back through them. For the block, they
+    add out of place: the same numbers, and a graph stage 2's attack can differentiate."""
+    import comfy.clip_model
+
+    layer = comfy.clip_model.CLIPLayer
+    original = layer.forward
+
+    def forward(self, x, mask=None, optimized_attention=None):
+        x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
+        return x + self.mlp(self.layer_norm2(x))
+
+    layer.forward = forward
+    try:
+        yield
+    finally:
+        layer.forward = original
+
+
+_WORD_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # per text model, per patches, per word
+_NEEDS_WHOLE_WINDOW: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def clip_width(clip) -> int:

@@ -11,6 +11,7 @@ from ..ace.adapter import check_strength
 from ..ace.closed_form import ClosedFormConfig
 from ..ace.concepts import ConceptRequest, parse_request
 from ..ace.erasure import Erasure, erase, fine_tune
+from ..ace.expansion import ExpansionConfig
 from ..ace.finetune import FinetuneConfig
 from .comfy_models import network_of, with_erasure
 from .loss_plot import loss_curve_image
@@ -36,10 +37,20 @@ def _progress_callback(total: int):
 
 
 def erase_from_model(model, clip, request: ConceptRequest, closed_form: ClosedFormConfig, training: FinetuneConfig,
-                     resolution: int | None = None) -> Erasure:
+                     resolution: int | None = None, expansion: ExpansionConfig = ExpansionConfig()) -> Erasure:
     """Stages 0-2 on a ComfyUI MODEL and CLIP (the MODEL itself is never changed)."""
     callback = _progress_callback(training.steps) if training.steps else None
-    return erase(network_of(model, clip, resolution), request, closed_form, training, callback)
+    return erase(network_of(model, clip, resolution), request, closed_form, training, expansion, callback)
+
+
+def found_words(erasure: Erasure) -> str:
+    """What concept expansion added to each concept, for the node's text and the command line."""
+    found = erasure.info.get("expansion", {}).get("found")
+    if found is None:
+        return "expansion off: only the words of the request are erased"
+    lines = [f"{target}: {', '.join(w for w, _ in words) if words else 'no other word found'}"
+             for target, words in found.items()]
+    return "words the model draws each concept from, erased with it:\n" + "\n".join(lines)
 
 
 def fine_tune_on_model(model, clip, erasure: Erasure, training: FinetuneConfig, resolution: int | None = None) -> Erasure:
@@ -69,6 +80,7 @@ class EraseConcept(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05, tooltip="How strongly the erasure applies: 0 leaves the model as it was, 1 is the full erasure."),
                 io.Int.Input("steps", default=40, min=0, max=1000, tooltip="Adversarial fine-tuning steps after the closed form; 0 uses the closed form only (seconds, no training)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip="Seed of the fine-tuning's noise and attacks; the same seed gives the same erasure."),
+                io.Boolean.Input("expand", default=True, optional=True, tooltip="Also erase the other words the model draws each concept from, found in the model itself (shown on the node). Off: only the words you typed."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the concepts erased."),
@@ -77,11 +89,12 @@ class EraseConcept(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, concepts, anchor, preserve, strength, steps, seed) -> io.NodeOutput:
+    def execute(cls, model, clip, concepts, anchor, preserve, strength, steps, seed, expand=True) -> io.NodeOutput:
         check_strength(strength)
         request = parse_request(concepts, anchor, preserve)
-        erasure = erase_from_model(model, clip, request, ClosedFormConfig(), FinetuneConfig(steps=steps, seed=seed))
-        return io.NodeOutput(with_erasure(model, erasure, strength), erasure)
+        erasure = erase_from_model(model, clip, request, ClosedFormConfig(), FinetuneConfig(steps=steps, seed=seed),
+                                   expansion=ExpansionConfig(enabled=expand))
+        return io.NodeOutput(with_erasure(model, erasure, strength), erasure, ui=ui.PreviewText(found_words(erasure)))
 
 
 class ConceptList(io.ComfyNode):
@@ -119,14 +132,16 @@ class ClosedFormErasure(io.ComfyNode):
                 Concepts_.Input("concepts", tooltip="From ACE Concept List."),
                 io.Int.Input("rank", default=32, min=1, max=256, tooltip="Rank of the edit per concept and layer; higher fits the concept more closely."),
                 io.Float.Input("preserve_weight", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="How hard the edit avoids changing the preserve concepts and everyday prompts."),
+                io.Boolean.Input("expand", default=True, optional=True, tooltip="Also erase the other words the model draws each concept from, found in the model itself. Off: only the words of the list."),
             ],
             outputs=[Erasure_.Output(display_name="ERASURE", tooltip="The closed-form erasure.")],
         )
 
     @classmethod
-    def execute(cls, model, clip, concepts, rank, preserve_weight) -> io.NodeOutput:
+    def execute(cls, model, clip, concepts, rank, preserve_weight, expand=True) -> io.NodeOutput:
         cfg = ClosedFormConfig(rank=rank, preserve_weight=preserve_weight)
-        return io.NodeOutput(erase_from_model(model, clip, concepts, cfg, FinetuneConfig(steps=0)))
+        erasure = erase_from_model(model, clip, concepts, cfg, FinetuneConfig(steps=0), expansion=ExpansionConfig(enabled=expand))
+        return io.NodeOutput(erasure, ui=ui.PreviewText(found_words(erasure)))
 
 
 class AdversarialFineTune(io.ComfyNode):
@@ -145,11 +160,11 @@ class AdversarialFineTune(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model the erasure was computed for (not changed)."),
                 io.Clip.Input("clip", tooltip="The CLIP loaded with this model."),
                 Erasure_.Input("erasure", tooltip="A closed-form (or already fine-tuned) erasure of this model."),
-                io.Int.Input("steps", default=40, min=1, max=10000, tooltip="Training steps (a few seconds each on a GPU for SD1.5)."),
-                io.Float.Input("learning_rate", default=5e-3, min=1e-6, max=1.0, step=1e-4, tooltip="Adam learning rate of the adapter."),
-                io.Float.Input("adversarial_weight", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Weight of the loss under attack; 0 trains without attacks."),
-                io.Float.Input("preserve_weight", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Weight of the loss that keeps other prompts unchanged."),
-                io.Float.Input("attack_radius", default=0.1, min=0.0, max=1.0, step=0.01, tooltip="Size of the attack on the concept's token embeddings, relative to their norm."),
+                io.Int.Input("steps", default=40, min=1, max=10000, tooltip="Training steps per concept (the run takes steps x concepts, at most 400)."),
+                io.Float.Input("learning_rate", default=5e-3, min=1e-6, max=1.0, step=1e-4, tooltip="Adam learning rate of the adapter (warm-up, then a cosine decay)."),
+                io.Float.Input("adversarial_weight", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Weight of the loss under attack (a learned soft word in place of the concept); 0 trains without attacks."),
+                io.Float.Input("preserve_weight", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Weight of the loss that keeps other prompts unchanged, with the gate shut and open."),
+                io.Float.Input("guidance", default=1.0, min=0.0, max=10.0, step=0.1, tooltip="How far the concept's prediction is pushed away from it, past the neutral one (negative guidance, as ESD's)."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Image size of the training examples (512 for SD1.5, 1024 for SDXL)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip="Seed of the noise and attacks; the same seed gives the same result."),
             ],
@@ -160,8 +175,9 @@ class AdversarialFineTune(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, erasure, steps, learning_rate, adversarial_weight, preserve_weight, attack_radius, resolution, seed) -> io.NodeOutput:
-        cfg = FinetuneConfig(steps=steps, learning_rate=learning_rate, adversarial_weight=adversarial_weight, preserve_weight=preserve_weight, attack_radius=attack_radius, seed=seed)
+    def execute(cls, model, clip, erasure, steps, learning_rate, adversarial_weight, preserve_weight, guidance, resolution, seed) -> io.NodeOutput:
+        cfg = FinetuneConfig(steps=steps, learning_rate=learning_rate, adversarial_weight=adversarial_weight,
+                             preserve_weight=preserve_weight, guidance=guidance, seed=seed)
         tuned = fine_tune_on_model(model, clip, erasure, cfg, resolution)
         curve = loss_curve_image(tuned.info["history"])
         return io.NodeOutput(tuned, curve, ui=ui.PreviewImage(curve, cls=cls))

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-COLORS = {"erase": (220, 80, 60), "adversarial": (240, 170, 40), "preserve": (70, 140, 220), "total": (230, 230, 230)}
+COLORS = {"erase": (220, 80, 60), "adversarial": (240, 170, 40), "preserve": (70, 140, 220), "gate": (120, 200, 120),
+          "total": (230, 230, 230)}
 
 
 def loss_curve_image(history: list[dict[str, float]], width: int = 512, height: int = 256) -> torch.Tensor:

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stage-2 adversarial fine-tuning steps; 0 = closed form only (default 40)")
     how.add_argument("--rank", type=int, default=32, metavar="R", help="rank of the edit per concept and layer (default 32)")
     how.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the fine-tuning and of the evaluation renders (default 0)")
+    how.add_argument("--no-expand", action="store_true",
+                     help="erase only the words given; by default ACE also erases the other words the model draws each "
+                          "concept from, found in the model itself, and prints them")
     how.add_argument("--resolution", type=int, metavar="PX",
                      help="image size of the fine-tuning examples and of the evaluation renders, a multiple of 8 "
                           "(default: 512 for SD1, 768 for SD2, 1024 for SDXL, 128 for the toy model, whose 16x16 "
@@ -390,6 +393,7 @@ def run_erase(args, plan: Plan) -> None:
     try:
         closed_form = ace.closed_form.ClosedFormConfig(rank=args.rank)
         training = ace.finetune.FinetuneConfig(steps=args.steps, seed=args.seed)
+        expansion = ace.expansion.ExpansionConfig(enabled=not args.no_expand)
         strength = ace.adapter.check_strength(args.strength)
     except ValueError as e:
         raise CommandError(_one_line(e)) from None
@@ -417,7 +421,7 @@ def run_erase(args, plan: Plan) -> None:
     started = time.perf_counter()
     try:
         with progress_bar("stage 2, adversarial fine-tuning"):
-            erasure = pack.nodes.erase.erase_from_model(model, clip, request, closed_form, training, resolution)
+            erasure = pack.nodes.erase.erase_from_model(model, clip, request, closed_form, training, resolution, expansion)
     except ValueError as e:  # the nodes' errors are ValueErrors that say what to change
         raise CommandError(_one_line(e)) from None
     info = erasure.info
@@ -427,6 +431,7 @@ def run_erase(args, plan: Plan) -> None:
         losses = ", ".join(f"{k} {v:.4g}" for k, v in info["history"][-1].items())
         line += f", fine-tuning {info['stage2_seconds']:.1f} s (last step's losses: {losses})"
     print(line, flush=True)
+    print(pack.nodes.erase.found_words(erasure), flush=True)
 
     if plan.erasure_path is not None:
         _write(plan.erasure_path, lambda f: ace.files.save_erasure(erasure, f))
@@ -526,13 +531,13 @@ def render_pairs(model, erased_model, clip, vae, conditioning: list, negative: s
 
 def gate_on(erasure, conditioning) -> dict:
     """The largest gate of the erasure on every token the UNet's cross-attention receives for a
-    prompt, and the concept (slot) it belongs to."""
+    prompt, and the concept it belongs to."""
     import torch
 
     with torch.no_grad():
         gates = torch.cat([erasure.adapter.gate(c[0].float().cpu()).flatten(0, -2) for c in conditioning])
     best = gates.max(dim=0).values
-    return {"gate_max": round(float(best.max()), 4), "gate_concept": erasure.slot_names()[int(best.argmax())]}
+    return {"gate_max": round(float(best.max()), 4), "gate_concept": erasure.gate_names()[int(best.argmax())]}
 
 
 def format_table(results: list[dict], summary: dict) -> str:

@@ -116,15 +116,18 @@ def to_api(workflow: dict, object_info: dict) -> dict:
 
 def for_tiny_model(prompt: dict, ckpt_name: str, lora_name: str | None = None) -> dict:
     """The same graph with settings for the tiny test checkpoint on a CPU: its checkpoint, 64 px
-    images, 2 sampling steps, no fine-tuning in ACE Erase Concept, one step at 64 px in ACE
-    Adversarial Fine-Tune, and `lora_name` in every Load LoRA. Everything else stays as shipped.
+    images, 2 sampling steps, no fine-tuning and no concept expansion in ACE Erase Concept (its
+    random CLIP-L encodes a whole 77-token window per word it scans: minutes on a CPU), one step at
+    64 px in ACE Adversarial Fine-Tune, and `lora_name` in every Load LoRA. Everything else stays
+    as shipped.
     A graph on the toy model keeps its 128 px (the toy's 16x16 grid) and takes the rest."""
     on_toy = any(node["class_type"] == TOY_LOADER for node in prompt.values())
     overrides = {
         "CheckpointLoaderSimple": {"ckpt_name": ckpt_name},
         "EmptyLatentImage": {} if on_toy else {"width": 64, "height": 64},
         "KSampler": {"steps": 2},
-        "ACEErasure_EraseConcept": {"steps": 0},
+        "ACEErasure_EraseConcept": {"steps": 0, "expand": False},
+        "ACEErasure_ClosedForm": {"expand": False},
         "ACEErasure_FineTune": {"steps": 1, "resolution": 64},
         "LoraLoader": {"lora_name": lora_name} if lora_name else {},
     }

@@ -9,11 +9,11 @@ from ace.concepts import ConceptError, parse_request
 from ace.erasure import Erasure, erase
 from ace.families import UnsupportedModelError, cross_attention_projections
 from ace.files import ErasureFileError, check_file_name, load_erasure, save_erasure
-from ace.finetune import FinetuneConfig, attack, finetune, sample_latents
+from ace.finetune import FinetuneConfig, finetune, sample_latents
 from ace.tokens import collect_request
 from toys import ToyTextEncoder, ToyUNet, toy_network
 
-from toys import SAMPLE_SIGMAS, TRAIN_SIGMAS
+from toys import SAMPLE_SIGMAS
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_prompt_scoped_gate_edits_every_position_of_a_prompt_with_the_concept(en
     adapter.gate_scope = "prompt"
     prompt = adapter.delta(0, e)
     g = adapter.gate(e)[..., 0]
-    full = torch.einsum("bld,rd,or->blo", e, adapter.lora_down[0][0], adapter.lora_up[0][0])
+    full = torch.einsum("bld,rd,or->blo", e, adapter.lora_down[0], adapter.lora_up[0])
     # the concept's prompt: every position gets the edit at the prompt's largest gate
     assert torch.allclose(prompt[0], g[0].max() * full[0], atol=1e-5)
     assert (prompt[0, 0] - token[0, 0]).abs().max() > 0.1 * full[0, 0].abs().max()  # "my": before, shut per token
@@ -195,39 +195,56 @@ def test_adapter_follows_input_dtype_and_device(encoder, unet):
 
 # --- several concepts -------------------------------------------------------------------------
 
-def test_non_overlapping_concepts_together_equal_one_at_a_time(encoder, unet):
-    _, tok_ab, together, _ = stage1(encoder, unet, text="beagle\nvan gogh", anchor="", preserve="cat")
-    _, _, alone_a, _ = stage1(encoder, unet, text="beagle", anchor="", preserve="cat")
-    _, _, alone_b, _ = stage1(encoder, unet, text="van gogh", anchor="", preserve="cat")
-    x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([1.0, 1.0])
-    for concept, alone in zip(tok_ab.concepts, (alone_a, alone_b)):
-        ctx = concept.concept_context[:2]
-        with together.attached(unet):
-            out_together = unet(x, sigma, ctx)
-        with alone.attached(unet):
-            out_alone = unet(x, sigma, ctx)
-        assert torch.allclose(out_together, out_alone, atol=1e-3 * out_alone.abs().max().item())
+def test_one_joint_edit_fits_every_concept_and_routes_their_gates(unet):
+    encoder = ToyTextEncoder(width=384)
+    net = ToyUNet(context=384)
+    request, tokens, adapter, info = stage1(encoder, net, text="beagle\nvan gogh\nsnoopy", anchor="", preserve="cat, tree")
+    assert adapter.num_gates == 3 and len(adapter.lora_down) == len(adapter.projections)
+    assert adapter.rank == 3 * 32  # rank per concept times concepts
+    for stats in info.stats:  # the joint edit fits each concept about as well as an edit for it alone
+        alone = stage1(encoder, net, text=stats["concept"], anchor="", preserve="cat, tree")[3].stats[0]
+        assert stats["relative_residual"] < alone["relative_residual"] + 0.03, (stats, alone)
+        assert stats["ungated_preserve_change"] < 0.1
+    # The largest gate decides: a token two gates open on gets the edit once, not twice.
+    e = tokens.concepts[0].C[tokens.concepts[0].is_phrase]
+    g = adapter.gate(e)
+    routed = adapter.routed_gate(e)
+    assert torch.allclose(routed[:, 0], g.max(dim=1).values)
+    full = (e @ adapter.lora_down[0].T) @ adapter.lora_up[0].T
+    assert torch.allclose(adapter.delta(0, e), routed * full, atol=1e-5)
+    assert (routed <= 1).all()
 
 
 def test_many_concepts_share_one_batched_operation():
-    # 384 wide like the toy model's context: in the 64-wide toy space, 40 random concepts' gate
-    # subspaces overlap and get merged into shared slots
     encoder, unet = ToyTextEncoder(width=384), ToyUNet(context=384)
     text = "\n".join(f"concept{i}" for i in range(40))
-    _, tokens, adapter, info = stage1(encoder, unet, text=text, anchor="", preserve="")
-    assert adapter.num_slots == 40 and len(adapter.lora_down) == len(adapter.projections)
-    assert adapter.lora_down[0].shape[0] == 40
+    _, tokens, adapter, _ = stage1(encoder, unet, text=text, anchor="", preserve="", adversarial_rounds=0)
+    assert adapter.num_gates == 40 and adapter.rank == 256  # the joint edit's rank is capped
     g = adapter.gate(tokens.concepts[7].C[tokens.concepts[7].is_phrase])
     assert g[:, 7].min() > 0.9
 
 
-def test_overlapping_concepts_share_one_slot():
-    encoder, unet = ToyTextEncoder(width=384), ToyUNet(context=384)
-    request, tokens, adapter, info = stage1(encoder, unet, text="van gogh\nvincent van gogh\nbeagle", anchor="", preserve="")
-    assert info.slots == [[0, 1], [2]]
-    assert adapter.num_slots == 2 and info.stats[0]["concepts"] == ["van gogh", "vincent van gogh"]
-    for concept in tokens.concepts[:2]:  # the shared slot's gate covers both phrasings
-        assert adapter.gate(concept.C[concept.is_phrase])[:, 0].min() > 0.9
+def test_adversarial_embeddings_reproduce_the_concept_through_the_edit(encoder, unet):
+    """RECE's closed form: through the edited weights, the adversarial embedding gives back (most of)
+    the original keys and values of the concept token it was made from; the rounds then erase it."""
+    from ace.closed_form import adversarial_embeddings, projection_gram, solve_edit
+
+    request, tokens, _, _ = stage1(encoder, unet, adversarial_rounds=0)
+    projections, weights = weights_of(unet)
+    Ws = [weights[p.name].double() for p in projections]
+    concept = tokens.concepts[0]
+    C, N = concept.C[concept.is_phrase].double(), concept.N[concept.is_phrase].double()
+    P = tokens.P.double()
+    from ace.closed_form import ClosedFormConfig as Config
+
+    M = solve_edit(C, N, P.T @ P / len(P), Config())
+    I = torch.eye(M.shape[0], dtype=torch.float64)
+    adversarial = adversarial_embeddings(C, projection_gram(Ws), M)
+
+    def gap(E):  # how far the edited keys/values of E are from the original ones of C
+        return sum(((E @ (W @ (I + M)).T) - C @ W.T).norm() for W in Ws) / sum((C @ W.T).norm() for W in Ws)
+
+    assert gap(adversarial) < 0.5 * gap(C)  # the edit maps C away; the adversarial rows come back
 
 
 # --- stage 2 ------------------------------------------------------------------------------------
@@ -237,39 +254,52 @@ def _latents(adapter, unet, tokens):
         return [sample_latents(unet, c.concept_context[:4], (4, 8, 8), SAMPLE_SIGMAS) for c in tokens.concepts]
 
 
-def _erase_loss(adapter, unet, tokens, latents, delta=None):
+def _erase_gap(adapter, unet, tokens, latents, context=None):
+    """How far the edited prediction for the concept is from the negative-guidance target."""
     c = tokens.concepts[0]
     gen = torch.Generator().manual_seed(123)
     x0 = latents[0]
     sigma = torch.full((len(x0),), 1.2)
     x_t = x0 + torch.randn(x0.shape, generator=gen) * 1.2
-    ctx = c.concept_context[:4]
+    ctx = c.concept_context[:4] if context is None else context
     with torch.no_grad():
         with adapter.disabled():
-            target = unet(x_t, sigma, c.neutral_context[:4])
-        return ((unet(x_t, sigma, ctx if delta is None else ctx + delta) - target) ** 2).mean().item(), (x_t, sigma, ctx, target)
+            concept, neutral = unet(x_t, sigma, c.concept_context[:4]), unet(x_t, sigma, c.neutral_context[:4])
+        target = neutral - (concept - neutral)
+        return ((unet(x_t, sigma, ctx) - target) ** 2).mean().item()
 
 
-def test_finetuning_lowers_erase_loss_and_keeps_preserve(encoder, unet):
-    # rank 8, where the learning rate was tuned: at the default rank 32 on this 64-wide toy the
-    # same 40 steps lowered the loss by 9% only (measured), a known gap noted for re-tuning
+def test_finetuning_lowers_the_erase_loss_and_keeps_preserve(encoder, unet):
     _, tokens, adapter, _ = stage1(encoder, unet, rank=8)
+    network = toy_network(unet, encoder)
     with adapter.attached(unet):
         latents = _latents(adapter, unet, tokens)
-        before, _ = _erase_loss(adapter, unet, tokens, latents)
+        before = _erase_gap(adapter, unet, tokens, latents)
         seen = []
-        result = finetune(adapter, unet, tokens, latents, TRAIN_SIGMAS, FinetuneConfig(steps=40, adversarial_weight=0.0), callback=seen.append)
-        after, _ = _erase_loss(adapter, unet, tokens, latents)
-    assert len(seen) == 40 and seen[-1].step == 40 and set(seen[0].losses) == {"erase", "preserve", "total"}
-    assert after < 0.8 * before  # measured: 0.0031 -> 0.0023
-    assert max(h["preserve"] for h in result.history) < 0.1 * before
+        result = finetune(adapter, unet, network, tokens, latents, FinetuneConfig(steps=40, attack_steps=0), callback=seen.append)
+        after = _erase_gap(adapter, unet, tokens, latents)
+    assert len(seen) == 40 and seen[-1].step == 40 and set(seen[0].losses) == {"erase", "preserve", "gate", "total"}
+    assert after < 0.8 * before
+    assert all(math.isfinite(v) for h in result.history for v in h.values())
+    assert adapter.gate(tokens.P).max() < 0.2  # the gate stays shut on what is preserved
+
+
+def test_the_budget_grows_with_the_request(encoder, unet):
+    cfg = FinetuneConfig(steps=10, max_steps=25)
+    assert [cfg.total_steps(k) for k in (1, 2, 3)] == [10, 20, 25]
+    _, tokens, adapter, _ = stage1(encoder, unet, text="beagle\nvan gogh")
+    with adapter.attached(unet):
+        latents = _latents(adapter, unet, tokens)
+        result = finetune(adapter, unet, toy_network(unet, encoder), tokens, latents, FinetuneConfig(steps=3, attack_steps=0))
+    assert len(result.history) == 6
 
 
 def test_callback_can_stop_training(encoder, unet):
     _, tokens, adapter, _ = stage1(encoder, unet)
     with adapter.attached(unet):
         latents = _latents(adapter, unet, tokens)
-        result = finetune(adapter, unet, tokens, latents, TRAIN_SIGMAS, FinetuneConfig(steps=50), callback=lambda r: r.step >= 3)
+        result = finetune(adapter, unet, toy_network(unet, encoder), tokens, latents, FinetuneConfig(steps=50),
+                          callback=lambda r: r.step >= 3)
     assert result.stopped_early and len(result.history) == 3
 
 
@@ -281,39 +311,43 @@ def test_finetuning_is_deterministic_on_cpu(encoder):
         _, tokens, adapter, _ = stage1(encoder, net)
         with adapter.attached(net):
             latents = _latents(adapter, net, tokens)
-            finetune(adapter, net, tokens, latents, TRAIN_SIGMAS, FinetuneConfig(steps=5, seed=7))
+            finetune(adapter, net, toy_network(net, encoder), tokens, latents, FinetuneConfig(steps=5, seed=7))
         runs.append(adapter.lora_down[0].detach().clone())
     assert torch.equal(runs[0], runs[1])
 
 
-def _worst_case(adapter, unet, tokens, latents):
-    """The highest erase loss the 10-step attack finds from three random starts."""
-    _, (x_t, sigma, ctx, target) = _erase_loss(adapter, unet, tokens, latents)
-    mask = tokens.concepts[0].concept_mask[:4].unsqueeze(-1)
-    losses = []
-    for seed in range(3):
-        g = torch.Generator().manual_seed(seed)
-        delta = attack(adapter, unet, x_t, sigma, ctx, mask, target, FinetuneConfig(attack_steps=10), g)
-        losses.append(_erase_loss(adapter, unet, tokens, latents, delta)[0])
-    return max(losses)
+def _worst_case(adapter, unet, encoder, tokens, latents, steps: int = 15) -> float:
+    """The erase gap at the end of a fresh soft-word attack on the concept (what stage 2 trains against)."""
+    from ace.finetune import SoftWord
+
+    network = toy_network(unet, encoder)
+    concept = tokens.concepts[0]
+    texts = [concept.prompts[i] for i in concept.target_prompts()[:4]]
+    soft = SoftWord(network, concept.concept.target, FinetuneConfig())
+    x0 = latents[0]
+    gen = torch.Generator().manual_seed(5)
+    sigma = torch.full((len(x0),), 1.2)
+    x_t = x0 + torch.randn(x0.shape, generator=gen) * 1.2
+    with torch.no_grad(), adapter.disabled():
+        original = unet(x_t, sigma, concept.concept_context[concept.target_prompts()[:4]])
+    for _ in range(steps):
+        loss = ((unet(x_t, sigma, encoder.encode_soft(texts, soft.phrase, soft.vectors)) - original) ** 2).mean()
+        soft.optimizer.zero_grad()
+        loss.backward()
+        soft.optimizer.step()
+    return _erase_gap(adapter, unet, tokens, latents, encoder.encode_soft(texts, soft.phrase, soft.vectors).detach())
 
 
-def test_attack_raises_the_loss_and_adversarial_training_lowers_the_worst_case(encoder, unet):
-    _, tokens, adapter, _ = stage1(encoder, unet)
-    with adapter.attached(unet):
-        latents = _latents(adapter, unet, tokens)
-        clean, _ = _erase_loss(adapter, unet, tokens, latents)
-        worst = {"stage1": _worst_case(adapter, unet, tokens, latents)}
-    assert worst["stage1"] > 1.5 * clean  # the attack brings the concept back
+def test_adversarial_training_lowers_the_worst_case_under_a_soft_word_attack(encoder, unet):
+    worst = {}
     for name, weight in (("plain", 0.0), ("adversarial", 1.0)):
         _, tokens, adapter, _ = stage1(encoder, unet)
         with adapter.attached(unet):
-            finetune(adapter, unet, tokens, latents, TRAIN_SIGMAS, FinetuneConfig(steps=60, adversarial_weight=weight, attack_steps=3))
-            worst[name] = _worst_case(adapter, unet, tokens, latents)
-    # measured at the default rank 32: stage 1 0.040, plain fine-tuning 0.038, adversarial 0.033
-    # (at rank 8: 0.040, 0.043, 0.032)
-    assert worst["adversarial"] < 0.9 * worst["stage1"]
-    assert worst["adversarial"] < 0.9 * worst["plain"]
+            latents = _latents(adapter, unet, tokens)
+            finetune(adapter, unet, toy_network(unet, encoder), tokens, latents,
+                     FinetuneConfig(steps=60, adversarial_weight=weight, attack_steps=2))
+            worst[name] = _worst_case(adapter, unet, encoder, tokens, latents)
+    assert worst["adversarial"] < 0.9 * worst["plain"], worst
 
 
 # --- the whole method, and files --------------------------------------------------------------
@@ -328,12 +362,36 @@ def test_erase_runs_all_stages_and_save_load_is_exact(tmp_path):
     path = str(tmp_path / "e.safetensors")
     save_erasure(erasure, path)
     loaded = load_erasure(path)
-    assert loaded.family == "ace-toy" and loaded.request == request
-    assert loaded.slots == erasure.slots == [[0]] and loaded.num_res_blocks == erasure.num_res_blocks
+    assert loaded.family == "ace-toy" and loaded.request == erasure.request
+    assert erasure.request.concepts[0].synonyms[0] == "snoopy"  # the user's words first, then the words found
+    assert erasure.request.preserve == request.preserve
+    assert loaded.adapter.num_gates == 1 and loaded.num_res_blocks == erasure.num_res_blocks
     assert erasure.adapter.gate_scope == loaded.adapter.gate_scope == "prompt"  # MiniLM reads both ways
     for a, b in zip(erasure.adapter.state_dict().values(), loaded.adapter.state_dict().values()):
         assert torch.equal(a, b)
     assert loaded.info["final_losses"] == erasure.info["history"][-1]
+
+
+def test_expansion_finds_the_words_the_network_draws_the_concept_from(unet):
+    """'pooch' is not in the request, but the stand-in encoder makes it mean 'beagle' (and the
+    network answers it alike): expansion finds it; it leaves the kept concept and words the network
+    answers differently alone."""
+    from ace.expansion import ExpansionConfig, expand
+
+    encoder = ToyTextEncoder(synonyms={"snoopy": "beagle", "pooch": "beagle"})
+    network = toy_network(unet, encoder)
+    request = parse_request("beagle", "a dog", "cat, tree")
+    found = expand(network, request, ExpansionConfig(candidates=12))
+    words = [w for w, _ in found.found["beagle"]]
+    assert "pooch" in words and "snoopy" in words
+    assert "cat" not in words and "tree" not in words
+    distances = dict(found.found["beagle"])
+    assert distances["pooch"] < found.threshold["beagle"] < found.closest_kept["beagle"][1]
+    expanded = found.expanded(request)
+    assert set(words) <= set(expanded.concepts[0].synonyms)
+    wide = toy_network(ToyUNet(context=384), ToyTextEncoder(width=384, synonyms={"pooch": "beagle"}))
+    off = erase(wide, request, ClosedFormConfig(), FinetuneConfig(steps=0), ExpansionConfig(enabled=False))
+    assert off.request == request and "expansion" not in off.info
 
 
 def test_erase_refuses_unsupported_family(encoder, unet):
@@ -343,7 +401,7 @@ def test_erase_refuses_unsupported_family(encoder, unet):
 
 def test_erasure_must_fit_the_model(encoder, unet):
     request, _, adapter, info = stage1(encoder, unet)
-    erasure = Erasure("sd1", request, adapter, info.slots, num_res_blocks=1)
+    erasure = Erasure("sd1", request, adapter, num_res_blocks=1)
     with pytest.raises(ValueError, match="made for a sd1 model and cannot be applied to a sdxl"):
         erasure.check_fits("sdxl", adapter.projections)
     other = cross_attention_projections(ToyUNet(depth=2))
@@ -354,7 +412,7 @@ def test_erasure_must_fit_the_model(encoder, unet):
 def test_loading_bad_files_fails_clearly(encoder, unet, tmp_path):
     request, _, adapter, info = stage1(encoder, unet)
     good = str(tmp_path / "good.safetensors")
-    save_erasure(Erasure("ace-toy", request, adapter, info.slots, num_res_blocks=1), good)
+    save_erasure(Erasure("ace-toy", request, adapter, num_res_blocks=1), good)
     data = open(good, "rb").read()
 
     corrupt = tmp_path / "corrupt.safetensors"
@@ -378,6 +436,7 @@ def test_loading_bad_files_fails_clearly(encoder, unet, tmp_path):
         load_erasure(str(lora))
     for change, message in (
         (lambda t, m: m.update(format_version="99"), "format version 99"),
+        (lambda t, m: m.update(format_version="2"), "earlier version of this pack"),
         (lambda t, m: t.pop("gate.center"), "'gate.center' is missing"),
         (lambda t, m: t.__setitem__("gate.threshold", torch.tensor([math.nan])), "NaN or infinite"),
         (lambda t, m: t.__setitem__("gate.threshold", torch.zeros(3)), "has shape"),
@@ -416,6 +475,6 @@ def test_stage2_trains_a_half_precision_network(encoder, dtype):
     with adapter.attached(net):
         with adapter.disabled():
             latents = [sample_latents(denoise, c.concept_context[:2], (4, 8, 8), SAMPLE_SIGMAS) for c in tokens.concepts]
-        result = finetune(adapter, denoise, tokens, latents, TRAIN_SIGMAS, FinetuneConfig(steps=3))
+        result = finetune(adapter, denoise, toy_network(net, encoder), tokens, latents, FinetuneConfig(steps=3))
     assert all(math.isfinite(v) for h in result.history for v in h.values())
     assert adapter.lora_down[0].dtype == torch.float32 and torch.isfinite(adapter.lora_down[0]).all()

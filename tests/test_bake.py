@@ -22,7 +22,7 @@ PROMPT = "a painting by van gogh"
 def erase_node(model=("1", 0), clip=("1", 1)) -> dict:
     return {"class_type": "ACEErasure_EraseConcept", "inputs": {
         "model": list(model), "clip": list(clip), "concepts": "van gogh: vincent van gogh", "anchor": "a painting",
-        "preserve": "monet", "strength": 1.0, "steps": 0, "seed": 0}}
+        "preserve": "monet", "strength": 1.0, "steps": 0, "seed": 0, "expand": False}}
 
 
 def render(prefix: str, model, text: str = PROMPT) -> dict:
@@ -101,7 +101,8 @@ def test_baked_model_is_the_open_gate_erasure_and_the_exported_lora(tiny_sd15):
     ace, comfy_models = pack().ace, pack().nodes.comfy_models
     request = ace.concepts.parse_request("van gogh", "a painting", "monet")
     erasure = pack().nodes.erase.erase_from_model(model, clip, request, ace.closed_form.ClosedFormConfig(),
-                                                  ace.finetune.FinetuneConfig(steps=0))
+                                                  ace.finetune.FinetuneConfig(steps=0),
+                                                  expansion=ace.expansion.ExpansionConfig(enabled=False))
     erased = comfy_models.with_erasure(model, erasure, 0.8)
     baked = comfy_models.baked(erased)
     assert not [k for k in baked.object_patches if k.endswith(".forward")] and len(baked.patches) == 8
@@ -130,7 +131,7 @@ def test_command_line_bakes_a_checkpoint_comfyui_loads(tiny_sd15_checkpoint, tmp
 
     out, erasure_file = tmp_path / "no_van_gogh.safetensors", tmp_path / "erasure.safetensors"
     run = subprocess.run([sys.executable, "-m", "runner", "erase", str(tiny_sd15_checkpoint), "--concepts", "van gogh",
-                          "--anchor", "a painting", "--steps", "0", "--threads", "1", "--bake", str(out),
+                          "--anchor", "a painting", "--steps", "0", "--no-expand", "--threads", "1", "--bake", str(out),
                           "--erasure", str(erasure_file)],
                          cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -71,7 +71,7 @@ def test_erase_a_checkpoint_writes_the_erasure_the_lora_and_an_evaluation(tiny_s
         "erase", tiny_sd15_checkpoint,
         "--concepts", r"Van Gogh: Vincent van Gogh\nMonet",  # a typed \n separates concepts
         "--anchor", "a painting", "--preserve", "Rembrandt",
-        "--steps", 1, "--rank", 4, "--resolution", 64, "--threads", 1,
+        "--steps", 1, "--rank", 4, "--resolution", 64, "--threads", 1, "--no-expand",
         "--erasure", erasure_file, "--lora", lora_file,
         "--eval", write_prompts(tmp_path / "prompts.json", **prompts), "--eval-dir", eval_dir, "--sample-steps", 2,
     ))
@@ -81,7 +81,7 @@ def test_erase_a_checkpoint_writes_the_erasure_the_lora_and_an_evaluation(tiny_s
     assert [(c.target, c.synonyms, c.anchor) for c in erasure.request.concepts] == [
         ("Van Gogh", ("Vincent van Gogh",), "a painting"), ("Monet", (), "a painting")]
     assert erasure.request.preserve == ("Rembrandt",)
-    assert erasure.adapter.rank == 4
+    assert erasure.adapter.rank == 2 * 4  # the joint edit: the rank per concept times the concepts
     assert erasure.info["training"]["steps"] == 1 and "final_losses" in erasure.info  # stage 2 ran
 
     with safe_open(str(lora_file), "pt") as f:
@@ -109,8 +109,13 @@ def test_erase_the_toy_model_from_a_concept_file(tmp_path):
         "--eval", write_prompts(tmp_path / "prompts.json", **prompts), "--eval-dir", eval_dir,
     ))
     erasure = load_erasure(str(tmp_path / "no_circle.safetensors"))
-    assert erasure.family == "ace-toy"
-    assert [(c.target, c.synonyms) for c in erasure.request.concepts] == [("circle", ("disc",))]
+    assert erasure.family == f"ace-toy{'-causal' if erasure.family.endswith('causal') else ''}"
+    (concept,) = erasure.request.concepts
+    assert concept.target == "circle" and concept.synonyms[0] == "disc"
+    # expansion found more of the words the toy draws circles from, and says so
+    found = erasure.info["expansion"]["found"]["circle"]
+    assert concept.synonyms[1:] == tuple(w for w, _ in found) and found
+    assert "words the model draws each concept from" in run.stdout and found[0][0] in run.stdout
 
     report = check_eval(eval_dir, run.stdout, prompts)
     erase = [r for r in report["prompts"] if r["group"] == "erase"]

@@ -17,11 +17,14 @@ def ckpt(name):
     return {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}}
 
 
-def erase_node(concepts=CONCEPT, steps=0, strength=1.0, anchor="a painting", preserve="monet", model=("1", 0), clip=("1", 1)):
+def erase_node(concepts=CONCEPT, steps=0, strength=1.0, anchor="a painting", preserve="monet", model=("1", 0), clip=("1", 1),
+               expand=False):
+    """ACE Erase Concept on the tiny checkpoint; concept expansion off unless asked (its random
+    CLIP-L encodes a whole window per word it scans, minutes on a CPU: one test turns it on)."""
     return {
         "class_type": "ACEErasure_EraseConcept",
         "inputs": {"model": list(model), "clip": list(clip), "concepts": concepts, "anchor": anchor,
-                   "preserve": preserve, "strength": strength, "steps": steps, "seed": 0},
+                   "preserve": preserve, "strength": strength, "steps": steps, "seed": 0, "expand": expand},
     }
 
 
@@ -81,10 +84,10 @@ def test_fine_tuning_node_trains_with_progress_and_a_loss_curve(tiny_sd15_name):
     graph = {
         "1": ckpt(tiny_sd15_name),
         "c": {"class_type": "ACEErasure_ConceptList", "inputs": {"concepts": CONCEPT, "anchor": "a painting", "preserve": ""}},
-        "s1": {"class_type": "ACEErasure_ClosedForm", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["c", 0], "rank": 4, "preserve_weight": 1.0}},
+        "s1": {"class_type": "ACEErasure_ClosedForm", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["c", 0], "rank": 4, "preserve_weight": 1.0, "expand": False}},
         "s2": {"class_type": "ACEErasure_FineTune", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "erasure": ["s1", 0], "steps": 3, "learning_rate": 5e-3,
-            "adversarial_weight": 1.0, "preserve_weight": 1.0, "attack_radius": 0.1, "resolution": 64, "seed": 0}},
+            "adversarial_weight": 1.0, "preserve_weight": 1.0, "guidance": 1.0, "resolution": 64, "seed": 0}},
         "apply": {"class_type": "ACEErasure_Apply", "inputs": {"model": ["1", 0], "erasure": ["s2", 0], "strength": 1.0}},
         **render("b", ("apply", 0), "a painting by van gogh"),
     }
@@ -169,7 +172,7 @@ def test_other_families_erase_and_apply_in_memory(sd2_model, sdxl_model, comfy):
         assert len(erasure.info["history"]) == 2
         assert all(math.isfinite(v) for h in erasure.info["history"] for v in h.values())
         erased = comfy_models.with_erasure(model, erasure, 1.0)
-        assert len(erased.object_patches) == len(projections)
+        assert len(erased.object_patches) == len(projections) + 1  # and the guard that refuses unbaked saves
         assert not model.object_patches  # the input MODEL is not changed
         import comfy.model_management
 
@@ -219,7 +222,7 @@ def test_rank_zero_is_refused_before_running(tiny_sd15_name):
     graph = {
         "1": ckpt(tiny_sd15_name),
         "c": {"class_type": "ACEErasure_ConceptList", "inputs": {"concepts": "snoopy", "anchor": "", "preserve": ""}},
-        "s1": {"class_type": "ACEErasure_ClosedForm", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["c", 0], "rank": 0, "preserve_weight": 1.0}},
+        "s1": {"class_type": "ACEErasure_ClosedForm", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["c", 0], "rank": 0, "preserve_weight": 1.0, "expand": False}},
         "sv": {"class_type": "ACEErasure_Save", "inputs": {"erasure": ["s1", 0], "file_name": "never", "overwrite": True}},
     }
     with pytest.raises(GraphError, match="rank"):
@@ -265,10 +268,10 @@ def test_cancel_stops_fine_tuning_within_a_step_and_leaves_the_model_clean(tiny_
     graph = {
         "1": ckpt(tiny_sd15_name),
         "c": {"class_type": "ACEErasure_ConceptList", "inputs": {"concepts": "snoopy", "anchor": "a dog", "preserve": ""}},
-        "s1": {"class_type": "ACEErasure_ClosedForm", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["c", 0], "rank": 4, "preserve_weight": 1.0}},
+        "s1": {"class_type": "ACEErasure_ClosedForm", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["c", 0], "rank": 4, "preserve_weight": 1.0, "expand": False}},
         "s2": {"class_type": "ACEErasure_FineTune", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "erasure": ["s1", 0], "steps": 50, "learning_rate": 5e-3,
-            "adversarial_weight": 1.0, "preserve_weight": 1.0, "attack_radius": 0.1, "resolution": 64, "seed": 0}},
+            "adversarial_weight": 1.0, "preserve_weight": 1.0, "guidance": 1.0, "resolution": 64, "seed": 0}},
         "sv": {"class_type": "ACEErasure_Save", "inputs": {"erasure": ["s2", 0], "file_name": "cancelled", "overwrite": True}},
         **render("a", ("1", 0), "snoopy"),
     }

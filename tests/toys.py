@@ -15,6 +15,8 @@ from ace.families import cross_attention_projections
 from ace.network import Network
 
 SAMPLE_SIGMAS = torch.tensor([10.0, 5.0, 2.5, 1.2, 0.6, 0.3, 0.0])
+# The stand-in encoder's whole words, for concept expansion.
+VOCABULARY = ("dog", "cat", "tree", "horse", "house", "car", "river", "painting", "photo", "bird", "flower", "table")
 TRAIN_SIGMAS = SAMPLE_SIGMAS[1:-1]
 
 
@@ -39,21 +41,48 @@ class ToyTextEncoder:
     def count_tokens(self, text: str) -> int:
         return len(self.words(text))
 
+    def vocabulary(self) -> list[str]:
+        return sorted({*VOCABULARY, *self.synonyms, *self.synonyms.values()})
+
+    def static_embeddings(self, words) -> torch.Tensor:
+        return torch.stack([torch.stack([self._vector(t) for t in self.words(w)]).mean(0) for w in words])
+
+    def encode_words(self, words) -> torch.Tensor:
+        return torch.stack([self.encode([w])[0, self.count_tokens(w)] for w in words])
+
     def _vector(self, word: str) -> torch.Tensor:
         if word in self.synonyms:
             return 0.8 * _word_vector(self.synonyms[word], self.width) + 0.6 * _word_vector(word, self.width)
         return _word_vector(word, self.width)
 
     def encode(self, prompts) -> torch.Tensor:
-        out = torch.empty(len(prompts), self.length, self.width)
-        for i, prompt in enumerate(prompts):
-            vectors = [self.bos] + [self._vector(w) for w in self.words(prompt)][: self.length - 2]
+        return self._contextualise([[self._vector(w) for w in self.words(p)] for p in prompts])
+
+    def _contextualise(self, sentences: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Word vectors -> token embeddings: BOS, the words, EOS padding; each position mixes in the
+        running mean of the positions before it (causal, like CLIP)."""
+        rows = []
+        for words in sentences:
+            vectors = [self.bos] + words[: self.length - 2]
             vectors += [self.eos] * (self.length - len(vectors))
-            running = torch.zeros(self.width)
+            running, row = torch.zeros(self.width), []
             for t, v in enumerate(vectors):
-                out[i, t] = v + 0.5 * running / max(t, 1)
+                row.append(v + 0.5 * running / max(t, 1))
                 running = running + v
-        return out
+            rows.append(torch.stack(row))
+        return torch.stack(rows)
+
+    def soft_word(self, phrase: str) -> dict[str, torch.Tensor]:
+        return {"words": torch.stack([self._vector(w) for w in self.words(phrase)])}
+
+    def encode_soft(self, prompts, phrase: str, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+        wanted, sentences = self.words(phrase), []
+        for prompt in prompts:
+            words, n = self.words(prompt), len(wanted)
+            at = next(i for i in range(len(words) - n + 1) if words[i:i + n] == wanted)
+            sentences.append([self._vector(w) for w in words[:at]] + list(vectors["words"])
+                             + [self._vector(w) for w in words[at + n:]])
+        return self._contextualise(sentences)
 
 
 class ToyCrossAttention(torch.nn.Module):

@@ -317,14 +317,16 @@ DEFAULT_SAMPLER = SAMPLER
 def sample_contexts(model_patcher, context: torch.Tensor, uncond: torch.Tensor, seed: int = 0,
                     steps: int = DEFAULT_SAMPLER["steps"], cfg: float = DEFAULT_SAMPLER["cfg"],
                     sampler_name: str = DEFAULT_SAMPLER["sampler_name"],
-                    scheduler: str = DEFAULT_SAMPLER["scheduler"]) -> torch.Tensor:
+                    scheduler: str = DEFAULT_SAMPLER["scheduler"], noise: torch.Tensor | None = None) -> torch.Tensor:
     """Images (B, 3, 16, 16) in [0, 1] for a batch of contexts, through `comfy.sample.sample`.
 
-    context: (B, T, 384), one prompt per image; uncond: (1, T, 384), the negative prompt.
+    context: (B, T, 384), one prompt per image; uncond: (1, T, 384), the negative prompt; noise:
+    the initial noise (B, 3, 16, 16), else ComfyUI's own from `seed`.
     """
     b = context.shape[0]
     latent = torch.zeros(b, 3, RESOLUTION, RESOLUTION)
-    noise = comfy.sample.prepare_noise(latent, seed)
+    if noise is None:
+        noise = comfy.sample.prepare_noise(latent, seed)
     positive = [[context, {}]]
     negative = [[uncond.expand(b, -1, -1).contiguous(), {}]]
     out = comfy.sample.sample(model_patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative,

@@ -1,0 +1,156 @@
+"""Stage 0, second half: the concept as the model knows it, not only the words the request names.
+
+A request names one or two words for a concept; the model draws it from many more ("disc", "orb"
+and "sphere" for a circle). Those words are found in the model itself, never in a list:
+
+1. Candidates: the `scan` whole words of the text encoder's vocabulary nearest the concept by
+   their input token embeddings (free: no forward pass), each then encoded alone
+   (`TextEncoder.encode_words`) and ranked by how close its keys and values are to the concept's
+   in the cross-attention layers (the mean cosine over every key/value projection of the
+   network). The value space is where the model reads the text, so words it treats alike sit
+   together there even when the text encoder's own geometry puts them apart; the first cut keeps
+   the forward passes affordable (a CLIP encodes a whole 77-token window per word).
+2. The network decides: for each candidate, the denoiser's response to "a {word}" (its prediction
+   minus its prediction for the neutral prompt, at a few noise levels and noise draws) is compared
+   with its response to the concept. A word is the concept when its response is closer to the
+   concept's than `accept_ratio` times the closest of the concepts the request keeps (calibrated on
+   the model itself: a kept concept is by definition not the erased one), or than
+   `accept_distance` when the request keeps nothing.
+
+Found words join the concept as synonyms: stage 0 collects their tokens, the joint edit maps them
+onto the anchor and the concept's gate opens on them; they also leave the everyday preserve pool.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapter import ProjectionEdit
+from .concepts import MAX_SYNONYMS, Concept, ConceptRequest, make_request
+from .network import Network
+
+
+@dataclass(frozen=True)
+class ExpansionConfig:
+    enabled: bool = True
+    scan: int | None = None  # vocabulary words nearest each concept by input embedding that are encoded
+    # (None: what the encoder can afford, its `scan_budget`, else 4096)
+    candidates: int = 48  # of those, the words nearest in value space that the network is asked about
+    max_words: int = 12  # found words added to a concept at most (the closest responses first)
+    accept_ratio: float = 0.75  # of the response distance of the closest kept concept
+    accept_distance: float = 0.4  # relative response distance, when the request keeps nothing
+    noise_draws: int = 8  # noise samples per noise level in the response test
+    template: str = "a {}"
+
+    def __post_init__(self):
+        for name in ("scan", "candidates", "max_words", "noise_draws"):
+            v = getattr(self, name)
+            if v is None and name == "scan":
+                continue
+            if not (isinstance(v, int) and 1 <= v <= 1_000_000):
+                raise ValueError(f"{name.replace('_', ' ')} must be an integer from 1 to 1000000, got {v!r}")
+        for name in ("accept_ratio", "accept_distance"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 < v <= 10):
+                raise ValueError(f"{name.replace('_', ' ')} must be a number in (0, 10], got {v!r}")
+        if "{}" not in self.template:
+            raise ValueError("the expansion template needs {} where the word goes")
+
+
+@dataclass
+class Expansion:
+    """What expansion found: per concept target, the accepted words with their response distance,
+    the threshold used and the closest kept concept, and the time each part took."""
+
+    found: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    threshold: dict[str, float] = field(default_factory=dict)
+    closest_kept: dict[str, tuple[str, float] | None] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def expanded(self, request: ConceptRequest) -> ConceptRequest:
+        """The request with every found word added to its concept's synonyms."""
+        concepts = [Concept(c.target, (*c.synonyms, *(w for w, _ in self.found.get(c.target, ())))[:MAX_SYNONYMS],
+                            c.anchor) for c in request.concepts]
+        return make_request(concepts, request.preserve)
+
+    def to_json(self) -> dict:
+        return {"found": {k: [[w, round(d, 4)] for w, d in v] for k, v in self.found.items()},
+                "threshold": {k: round(v, 4) for k, v in self.threshold.items()},
+                "closest_kept": {k: (list(v) if v else None) for k, v in self.closest_kept.items()},
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+
+
+def value_similarity(embeddings: torch.Tensor, reference: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """Mean cosine, over every projection W, of W e and W r: `embeddings` [n, d], `reference` [d]."""
+    total = torch.zeros(len(embeddings))
+    for W in weights:
+        W = W.float()
+        total += torch.nn.functional.cosine_similarity(embeddings.float() @ W.T, (reference.float() @ W.T)[None], dim=1)
+    return total / len(weights)
+
+
+def responses(denoise, encoder, prompts: list[str], neutral: str, sigmas: torch.Tensor, latent_shape: tuple,
+              draws: int, device) -> torch.Tensor:
+    """Each prompt's denoiser response, D(x, σ, prompt) − D(x, σ, neutral), at every σ and noise
+    draw, flattened: [len(prompts), …]."""
+    generator = torch.Generator().manual_seed(0)
+    contexts = encoder.encode(prompts).to(device)
+    base = encoder.encode([neutral]).to(device)
+    out = []
+    with torch.no_grad():
+        for sigma in sigmas.tolist():
+            x = (torch.randn((draws, *latent_shape), generator=generator) * sigma).to(device)
+            s = torch.full((draws,), sigma, device=device)
+            reference = denoise(x, s, base.expand(draws, -1, -1))
+            rows = [(denoise(x, s, contexts[i:i + 1].expand(draws, -1, -1)) - reference).flatten().cpu()
+                    for i in range(len(prompts))]
+            out.append(torch.stack(rows))
+    return torch.cat(out, dim=1)
+
+
+def expand(network: Network, request: ConceptRequest, cfg: ExpansionConfig = ExpansionConfig()) -> Expansion:
+    """Find each concept's other words in the model (see the module's docstring)."""
+    result = Expansion()
+    encoder = network.encoder
+    started = time.perf_counter()
+    vocabulary = encoder.vocabulary()
+    scan = cfg.scan or getattr(encoder, "scan_budget", 4096)
+    static = torch.nn.functional.normalize(encoder.static_embeddings(vocabulary), dim=1)
+    scanned: dict[str, list[str]] = {}
+    for concept in request.concepts:
+        reference = torch.nn.functional.normalize(encoder.static_embeddings([concept.target]), dim=1)[0]
+        nearest = (static @ reference).topk(min(scan, len(vocabulary))).indices.tolist()
+        scanned[concept.target] = [vocabulary[i] for i in nearest]
+    encoder.encode_words(sorted({w for words in scanned.values() for w in words}))  # one batch, cached
+    result.seconds["scan"] = time.perf_counter() - started
+    weights = list(network.weights.values())
+    taken = {p.lower() for c in request.concepts for p in c.phrases} | {p.lower() for p in request.preserve}
+    # Two noise levels in the upper-middle of the model's schedule, where the prediction still
+    # depends on what the prompt asks for and not yet on fine detail.
+    sigmas = network.sample_sigmas[2:4]
+    started = time.perf_counter()
+    with network.attach(ProjectionEdit([])) as denoise:
+        for concept in request.concepts:
+            words = scanned[concept.target]
+            reference = encoder.encode_words([concept.target])[0]
+            similarity = value_similarity(encoder.encode_words(words), reference, weights)
+            order = similarity.argsort(descending=True).tolist()
+            candidates = [words[i] for i in order if words[i].lower() not in taken][: cfg.candidates]
+            kept = list(request.preserve)
+            prompts = [cfg.template.format(w) for w in (concept.target, *candidates, *kept)]
+            neutral = cfg.template.format(concept.anchor).strip()
+            r = responses(denoise, encoder, prompts, neutral, sigmas, network.latent_shape, cfg.noise_draws,
+                          network.device)
+            distance = ((r - r[0]).norm(dim=1) / r[0].norm().clamp_min(1e-12)).tolist()
+            kept_distance = list(zip(kept, distance[1 + len(candidates):]))
+            closest = min(kept_distance, key=lambda x: x[1]) if kept_distance else None
+            threshold = cfg.accept_ratio * closest[1] if closest else cfg.accept_distance
+            accepted = sorted((d, w) for w, d in zip(candidates, distance[1:1 + len(candidates)]) if d < threshold)
+            result.found[concept.target] = [(w, d) for d, w in accepted[: cfg.max_words]]
+            taken |= {w.lower() for w, _ in result.found[concept.target]}
+            result.threshold[concept.target] = threshold
+            result.closest_kept[concept.target] = closest
+    result.seconds["response"] = time.perf_counter() - started
+    return result
