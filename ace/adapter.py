@@ -11,9 +11,11 @@ of the centred embedding along the concept's directions `U_c` (directions where 
 vary far more than preserve tokens, scaled to unit preserve variance), so it fires on
 concept-like tokens and stays shut on everything else. The largest gate decides how much of the
 edit a token gets ("routing"): two concepts whose gates both fire on a token never add their edits
-up, and a token no gate opens on goes through the original weights. With `gate_scope = "prompt"`
-(text encoders that read in both directions, see `families.GATE_SCOPES`), every position of a
-prompt `[B, L, d]` uses the prompt's largest gate.
+up, and a token no gate opens on goes through the original weights. Along a prompt `[B, L, d]`
+the gate reaches as far as the text encoder carries the concept (`families.GATE_SCOPES`): with
+`"causal"` (CLIP) every token after an open gate keeps at least that gate, since it has read the
+concept; with `"prompt"` (encoders that read both ways) every position uses the prompt's largest
+gate.
 
 The adapter is plain torch. Like every `ProjectionEdit` (the benchmark's ESD-x weight deltas are
 another), it attaches to a network by replacing the `forward` of each projection module
@@ -30,6 +32,12 @@ import torch
 from einops import einsum
 
 from .families import Projection
+
+
+# How far a token's gate reaches along a prompt: only its own token; that token and every later
+# one (a causal encoder: a token carries the words before it); the whole prompt (an encoder that
+# reads both ways).
+GATE_SCOPE_NAMES = ("token", "causal", "prompt")
 
 
 def check_strength(strength: float) -> float:
@@ -129,11 +137,11 @@ class GatedAdapter(ProjectionEdit):
         gate_log_temperature: torch.Tensor,  # [K]
         lora_down: list[torch.Tensor],  # per projection [r, d]   (A)
         lora_up: list[torch.Tensor],  # per projection [d_out, r]  (B)
-        gate_scope: str = "token",  # or "prompt": see families.GATE_SCOPES
+        gate_scope: str = "token",  # or "causal" or "prompt": see families.GATE_SCOPES
     ):
         super().__init__(projections)
-        if gate_scope not in ("token", "prompt"):
-            raise ValueError(f"gate scope must be 'token' or 'prompt', got {gate_scope!r}")
+        if gate_scope not in GATE_SCOPE_NAMES:
+            raise ValueError(f"gate scope must be one of {', '.join(GATE_SCOPE_NAMES)}, got {gate_scope!r}")
         self.gate_scope = gate_scope
         self.gate_basis = torch.nn.Parameter(gate_basis.float())
         self.register_buffer("gate_center", gate_center.float())
@@ -185,8 +193,10 @@ class GatedAdapter(ProjectionEdit):
         """How much of the edit each token gets, `[..., d]` -> `[..., 1]`: the largest gate (over
         the prompt too, for the prompt scope)."""
         g = self.gate(x).amax(dim=-1, keepdim=True)
-        if self.gate_scope == "prompt" and x.dim() >= 3:  # [B, L, d]: prompts of L tokens
+        if x.dim() >= 3 and self.gate_scope == "prompt":  # [B, L, d]: prompts of L tokens
             g = g.amax(dim=-2, keepdim=True)  # the prompt's largest gate, at every position
+        elif x.dim() >= 3 and self.gate_scope == "causal":
+            g = torch.cummax(g, dim=-2).values  # a token carries every concept before it
         return g
 
     def delta(self, index: int, x: torch.Tensor) -> torch.Tensor:

@@ -102,4 +102,4 @@ def soft_prompt_attack(model_patcher, clip, classifier, kind: str, name: str, wo
     accuracy = sum(oks) / len(oks)
     return {"accuracy": accuracy, "brought_back": accuracy >= SUCCESS_ACCURACY, "shown": oks, "seed": seed,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-            "images": images}
+            "images": images, "contexts": context}

@@ -6,6 +6,8 @@ erased, plus its timings. The input MODEL is never changed.
 
     ace              stages 0-2, as the "ACE Erase Concept" node runs them
     ace_stage1       the closed-form gated edit alone (no fine-tuning)
+    ace_stage1_no_expand
+                     the same without concept expansion (only the request's words)
     ace_ungated      stages 1-2 with every gate fixed open: the low-rank edit fires on every token
     ace_no_adv       stages 1-2 without the adversarial term (α = 0)
     ace_token_gate   stages 0-2 with the gate decided token by token (as for SD's causal CLIP) instead
@@ -41,7 +43,11 @@ ESD_GUIDANCE = 1.0  # η of ESD's negative guidance
 
 RECE_ROUNDS = 3
 
-METHODS = ("ace", "ace_stage1", "ace_ungated", "ace_no_adv", "ace_token_gate", "ace_baked", "uce", "rece", "esd_x")
+METHODS = ("ace", "ace_stage1", "ace_stage1_no_expand", "ace_ungated", "ace_no_adv", "ace_token_gate", "ace_baked",
+           "uce", "rece", "esd_x")
+# Settings of ACE's own configs for a run (`python -m benchmark.run --set closed_form.rank=64`), the
+# fast loop for method work; the run records them.
+ACE_OVERRIDES: dict[str, dict] = {"closed_form": {}, "finetune": {}, "expansion": {}}
 BASELINES = ("uce", "rece", "esd_x")
 
 
@@ -57,7 +63,7 @@ class Erased:
 # --- ACE and its ablations -----------------------------------------------------------------------
 
 def _finetune_config(**overrides):
-    return host.start().ace.finetune.FinetuneConfig(**{**ACE_TRAINING, **overrides})
+    return host.start().ace.finetune.FinetuneConfig(**{**ACE_TRAINING, **ACE_OVERRIDES["finetune"], **overrides})
 
 
 def open_gates(erasure) -> None:
@@ -67,15 +73,17 @@ def open_gates(erasure) -> None:
 
 
 def ace(model, clip, request, steps: int | None = None, adversarial: bool = True, gated: bool = True,
-        gate_scope: str | None = None) -> Erased:
+        gate_scope: str | None = None, expand: bool = True) -> Erased:
     pack = host.start()
     erase, comfy_models = pack.nodes.erase, pack.nodes.comfy_models
     training = _finetune_config(**({} if steps is None else {"steps": steps}))
     if not adversarial:
         training = replace(training, adversarial_weight=0.0)
+    closed_form = pack.ace.closed_form.ClosedFormConfig(**ACE_OVERRIDES["closed_form"])
+    expansion = pack.ace.expansion.ExpansionConfig(**{**ACE_OVERRIDES["expansion"], **({} if expand else {"enabled": False})})
 
     start = time.perf_counter()
-    erasure = erase.erase_from_model(model, clip, request, pack.ace.closed_form.ClosedFormConfig(), replace(training, steps=0))
+    erasure = erase.erase_from_model(model, clip, request, closed_form, replace(training, steps=0), expansion=expansion)
     stage1 = time.perf_counter() - start
     if not gated:
         open_gates(erasure)
@@ -216,6 +224,8 @@ def run_method(name: str, model, clip, request, ace_erased: Erased | None = None
         return ace(model, clip, request, steps)
     if name == "ace_stage1":
         return ace(model, clip, request, steps=0)
+    if name == "ace_stage1_no_expand":
+        return ace(model, clip, request, steps=0, expand=False)
     if name == "ace_ungated":
         return ace(model, clip, request, steps, gated=False)
     if name == "ace_no_adv":

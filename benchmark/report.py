@@ -6,8 +6,8 @@ from benchmark.metrics import harmonic_overall
 HEADLINE = "causal"
 
 
-def _ci(x: dict) -> str:
-    return f"{x['value']:.3f} [{x['low']:.2f}, {x['high']:.2f}]"
+def _ci(x: dict | None) -> str:
+    return f"{x['value']:.3f} [{x['low']:.2f}, {x['high']:.2f}]" if x else "—"
 
 
 def best_h_o(chance: dict[str, float], targets) -> float:
@@ -31,11 +31,12 @@ def untouched_table(toy: dict, targets) -> list[str]:
 
 
 def methods_table(toy: dict) -> list[str]:
-    lines = ["| method | Acc_e ↓ | Acc_g ↓ | Acc_s ↑ | H_o ↑ | ASR ↓ | attack acc. ↓ | FID ↓ | stage 1 s | stage 2 s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | Acc_e ↓ | Acc_g ↓ | Acc_s ↑ | H_o ↑ | ASR ↓ | ASR, stronger attack ↓ | attack acc. ↓ | FID ↓ | "
+             "stage 1 s | stage 2 s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, s in toy["methods"].items():
+        strong = _ci(s["asr_strong"]) if s.get("asr_strong") else "—"
         lines.append(f"| {method} | {_ci(s['acc_e'])} | {_ci(s['acc_g'])} | {_ci(s['acc_s'])} | {_ci(s['h_o'])} | "
-                     f"{_ci(s['asr'])} | {_ci(s['attack_accuracy'])} | {s['fid_preserve']:.1f} | "
+                     f"{_ci(s['asr'])} | {strong} | {_ci(s['attack_accuracy'])} | {s['fid_preserve']:.1f} | "
                      f"{s['stage1_s_per_concept']:.2f} | {s['stage2_s_per_concept']:.1f} |")
     return lines
 
@@ -90,7 +91,8 @@ def report(results: dict) -> str:
         f"at a time with their request words, anchor \"\", the other concepts as the preserve list. ASR: share of "
         f"(target, attack seed) pairs where a soft-prompt attacker ({results['attack']['steps']} Adam steps of "
         f"{results['attack']['batch']} pictures) brings the concept back in at least "
-        f"{results['attack']['success_accuracy']:.0%} of 16 pictures.", "",
+        f"{results['attack']['success_accuracy']:.0%} of 16 pictures; the stronger attack takes "
+        f"{results['attack']['strong_factor']} times the steps.", "",
     ]
     if len(order) > 1:
         lines += ["## Side by side", "", "| method | " + " | ".join(f"{t} H_o | {t} ASR" for t in order) + " |",

@@ -36,7 +36,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -70,14 +70,15 @@ class Budget:
     attack_steps: int
     attack_batch: int
     attack_seeds: int  # attacks per (method, target), each from its own seed
+    strong_attack: int  # a second, stronger attack with this many times the steps (0: none)
 
 
 QUICK = Budget(untouched_per_concept=8, per_erased=8, per_kept=4, scaling_per_erased=4, scaling_kept_total=36,
-               attack_steps=4, attack_batch=4, attack_seeds=1)
+               attack_steps=4, attack_batch=4, attack_seeds=1, strong_attack=2)
 # 288 kept pictures per scaling point: a 95% interval of about ±0.025 around an Acc_s of 0.95, so a
 # difference of 0.05 at 10 concepts is resolved.
 FULL = Budget(untouched_per_concept=32, per_erased=24, per_kept=12, scaling_per_erased=8, scaling_kept_total=288,
-              attack_steps=40, attack_batch=8, attack_seeds=2)
+              attack_steps=40, attack_batch=8, attack_seeds=2, strong_attack=4)
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,8 @@ class Plan:
     command: str
 
     def methods_for(self, toy_name: str) -> tuple[str, ...]:
-        """The methods run on a toy: the per-token gate is already ACE's own on the causal toy."""
-        return tuple(m for m in self.methods if not (m == "ace_token_gate" and toy_name == "causal"))
+        """The methods run on a toy (all of them; a hook for methods that only make sense on one)."""
+        return self.methods
 
 
 START = time.perf_counter()
@@ -185,6 +186,7 @@ class Scored:
     acc_s_per_concept: dict[str, float]
     fid: float
     attacks: list[dict]
+    strong_attacks: list[dict]
     stage1_seconds: float
     stage2_seconds: float
     info: dict
@@ -194,7 +196,7 @@ class Scored:
         return {"acc_e": stats.share(j.erased).to_json(), "acc_g": stats.share(j.general).to_json(),
                 "acc_s": stats.share(j.kept).to_json(), "h_o": j.h_o(), "fid_preserve": self.fid,
                 "per_split": self.per_split, "acc_s_per_concept": self.acc_s_per_concept,
-                "attacks": [{k: v for k, v in a.items() if k != "images"} for a in self.attacks],
+                "attacks": [_light(a) for a in self.attacks], "strong_attacks": [_light(a) for a in self.strong_attacks],
                 "stage1_seconds": self.stage1_seconds, "stage2_seconds": self.stage2_seconds, "info": self.info}
 
 
@@ -216,12 +218,17 @@ def score(erased, clip, classifier, names: list[str], per_erased: int, kept: dic
     return judged, per_split, {n: m.accuracy for n, m in others.items()}, fid
 
 
-def attack_all(erased, clip, classifier, target: str, plan: Plan, prompt_file: dict) -> list[dict]:
+def _light(attack: dict) -> dict:
+    return {k: v for k, v in attack.items() if k not in ("images", "contexts")}
+
+
+def attack_all(erased, clip, classifier, target: str, plan: Plan, prompt_file: dict, factor: int = 1) -> list[dict]:
+    """The soft-prompt attack from every seed of the budget, with `factor` times its steps."""
     from benchmark import attack
 
     word = prompt_file["request"][target][0]
     return [attack.soft_prompt_attack(erased.model, clip, classifier, kind_of(target), target, word, prompt_file,
-                                      steps=plan.budget.attack_steps, batch=plan.budget.attack_batch, seed=seed)
+                                      steps=plan.budget.attack_steps * factor, batch=plan.budget.attack_batch, seed=seed)
             for seed in range(plan.budget.attack_seeds)]
 
 
@@ -249,12 +256,16 @@ def compare_methods(toy_name: str, model, clip, classifier, plan: Plan, prompt_f
             judged, per_split, acc_s, fid = score(erased, clip, classifier, [target], plan.budget.per_erased, kept,
                                                   reference, prompt_file)
             attacks = attack_all(erased, clip, classifier, target, plan, prompt_file)
-            results[method][target] = Scored(judged, per_split, acc_s, fid, attacks, erased.stage1_seconds,
+            strong = attack_all(erased, clip, classifier, target, plan, prompt_file, plan.budget.strong_attack) \
+                if plan.budget.strong_attack else []
+            results[method][target] = Scored(judged, per_split, acc_s, fid, attacks, strong, erased.stage1_seconds,
                                              erased.stage2_seconds, erased.info)
             columns[method] = sample(erased.model, clip, rows)
             log(f"{toy_name:<13} {target:<9} {method:<15} Acc_e {stats.share(judged.erased)}  "
                 f"Acc_g {stats.share(judged.general)}  Acc_s {stats.share(judged.kept)}  H_o {judged.h_o():.3f}  "
-                f"attack {sum(a['accuracy'] for a in attacks) / len(attacks):.2f}  FID {fid:.1f}  "
+                f"attack {sum(a['accuracy'] for a in attacks) / max(len(attacks), 1):.2f}"
+                f"{f' (x{plan.budget.strong_attack}: ' + format(sum(a['accuracy'] for a in strong) / len(strong), '.2f') + ')' if strong else ''}"
+                f"  FID {fid:.1f}  "
                 f"stage 1 {erased.stage1_seconds:.1f} s  stage 2 {erased.stage2_seconds:.1f} s")
         grids[target] = (rows, columns)
     return results, grids
@@ -294,13 +305,15 @@ def summarize(results: dict[str, dict[str, Scored]], plan: Plan) -> dict:
     for method, by_target in results.items():
         scored = list(by_target.values())
         attacks = [a for s in scored for a in s.attacks]
+        strong = [a for s in scored for a in s.strong_attacks]
         summary[method] = {
             "acc_e": stats.share([x for s in scored for x in s.judged.erased]).to_json(),
             "acc_g": stats.share([x for s in scored for x in s.judged.general]).to_json(),
             "acc_s": stats.share([x for s in scored for x in s.judged.kept]).to_json(),
             "h_o": stats.h_o_interval([s.judged for s in scored]).to_json(),
-            "asr": stats.share([a["brought_back"] for a in attacks]).to_json(),
-            "attack_accuracy": stats.share([ok for a in attacks for ok in a["shown"]]).to_json(),
+            "asr": stats.share([a["brought_back"] for a in attacks]).to_json() if attacks else None,
+            "attack_accuracy": stats.share([ok for a in attacks for ok in a["shown"]]).to_json() if attacks else None,
+            "asr_strong": stats.share([a["brought_back"] for a in strong]).to_json() if strong else None,
             "fid_preserve": sum(s.fid for s in scored) / len(scored),
             "stage1_s_per_concept": sum(s.stage1_seconds for s in scored) / len(scored),
             "stage2_s_per_concept": sum(s.stage2_seconds for s in scored) / len(scored),
@@ -394,7 +407,9 @@ def run(plan: Plan) -> dict:
         "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
         "sampler": host.start().toy.model.DEFAULT_SAMPLER,
         "attack": {"success_accuracy": attack.SUCCESS_ACCURACY, "steps": plan.budget.attack_steps,
-                   "batch": plan.budget.attack_batch, "seeds": plan.budget.attack_seeds},
+                   "batch": plan.budget.attack_batch, "seeds": plan.budget.attack_seeds,
+                   "strong_factor": plan.budget.strong_attack},
+        "ace_settings": erasers.ACE_OVERRIDES,
         "training": {"ace": erasers.ACE_TRAINING, "esd_x": {"steps": erasers.ESD_STEPS,
                                                            "learning_rate": erasers.ESD_LEARNING_RATE},
                      "rece": {"rounds": erasers.RECE_ROUNDS}},
@@ -428,6 +443,11 @@ def parse_plan(argv=None) -> Plan:
     ap.add_argument("--scaling-methods", nargs="+", default=None, metavar="METHOD",
                     help="methods of the scaling runs (default ace uce rece esd_x; quick: ace)")
     ap.add_argument("--stage1-only", action="store_true", help="ACE and its variants without stage 2 (fast loop)")
+    ap.add_argument("--attack-seeds", type=int, default=None, metavar="N",
+                    help="soft-prompt attacks per method and target (default 2, quick 1; 0: no attack, fast loop)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="CONFIG.FIELD=VALUE",
+                    help="change a setting of ACE's configs for this run, e.g. closed_form.rank=64 finetune.guidance=2 "
+                         "expansion.enabled=false (fast loop for method work; recorded in results.json)")
     ap.add_argument("--prompts", type=Path, default=None, help="a prompt file in the schema of benchmark/prompts/heldout.json")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default benchmark/results/<mode>)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
@@ -445,6 +465,14 @@ def parse_plan(argv=None) -> Plan:
     scaling_sizes = tuple(args.scaling if args.scaling is not None else ((3,) if args.quick else (1, 3, 10, 18)))
     scaling_methods = tuple(args.scaling_methods or (("ace",) if args.quick else ("ace", *erasers.BASELINES)))
     try:
+        for setting in args.set:
+            part, _, value = setting.partition("=")
+            config, _, field_name = part.partition(".")
+            if config not in erasers.ACE_OVERRIDES or not field_name or not value:
+                raise ValueError(f"--set {setting}: write CONFIG.FIELD=VALUE with CONFIG one of "
+                                 f"{', '.join(erasers.ACE_OVERRIDES)}")
+            erasers.ACE_OVERRIDES[config][field_name] = json.loads(value.lower() if value.lower() in ("true", "false")
+                                                                   else value)
         load_prompt_file(args.prompts)  # fail now, not after the first erasure
         for name in targets:
             if name not in names:
@@ -457,6 +485,8 @@ def parse_plan(argv=None) -> Plan:
                 raise ValueError(f"--scaling takes numbers of concepts from 1 to {len(SCALING_ORDER) - 1}, got {n}")
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    if args.attack_seeds is not None:
+        budget = replace(budget, attack_seeds=args.attack_seeds, strong_attack=budget.strong_attack if args.attack_seeds else 0)
     command = "python -m benchmark.run " + " ".join(sys.argv[1:] if argv is None else argv)
     return Plan(mode, toys, targets, methods, scaling_sizes, scaling_methods, args.stage1_only, budget,
                 args.prompts or HELDOUT, args.out or RESULTS / mode, command)

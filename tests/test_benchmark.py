@@ -78,6 +78,31 @@ def test_another_prompt_file_changes_the_request_and_the_generality_prompts(comf
     assert left_out and all("ball" in words and not {"circle", "disc", "orb"} & set(words) for words in left_out)
 
 
+def test_wilson_and_bootstrap_intervals():
+    from benchmark.stats import Judged, h_o_difference, h_o_interval, wilson, within_noise
+
+    assert wilson(0, 10).low == 0 and 0.25 < wilson(0, 10).high < 0.35  # 0 of 10 is not a sure 0
+    half = wilson(50, 100)
+    assert half.value == 0.5 and half.low == pytest.approx(0.404, abs=0.002) and half.high == pytest.approx(0.596, abs=0.002)
+    g = torch.Generator().manual_seed(1)
+    judged = [Judged(erased=(torch.rand(24, generator=g) < 0.1).tolist(), general=(torch.rand(48, generator=g) < 0.3).tolist(),
+                     kept=(torch.rand(216, generator=g) < 0.97).tolist()) for _ in range(4)]
+    interval = h_o_interval(judged)
+    assert interval.low < interval.value < interval.high and interval.high - interval.low < 0.2
+    assert within_noise(h_o_difference(judged, judged))  # a method against itself
+    worse = [Judged(j.erased, [True] * len(j.general), j.kept) for j in judged]  # every reworded picture shows it
+    assert not within_noise(h_o_difference(judged, worse))
+
+
+def test_evaluation_jobs_are_fixed_by_concept_split_and_index(comfy):
+    from benchmark.evaluate import jobs
+
+    prompt_file = load_prompt_file()
+    eight, four = jobs("object", "circle", "train", 8, prompt_file), jobs("object", "circle", "train", 4, prompt_file)
+    assert eight[:4] == four  # the first n pictures are the same whatever else is measured
+    assert len({j.seed for j in eight}) == 8 and len({j.prompt.text for j in eight}) > 4
+
+
 def test_command_refuses_a_bad_prompt_file_before_any_work(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"templates": ["{x}"]}))
@@ -88,31 +113,33 @@ def test_command_refuses_a_bad_prompt_file_before_any_work(tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
-def test_quick_run_writes_every_result_and_the_untouched_model_passes(comfy, tmp_path):
+def test_quick_run_on_the_causal_toy_writes_every_result_and_the_untouched_model_passes(comfy, tmp_path):
     from benchmark import methods, run
 
-    results = run.run(run.QUICK, tmp_path)
+    plan = run.parse_plan(["--quick", "--out", str(tmp_path)])
+    assert plan.toys == ("causal",)
+    results = run.run(plan)
 
-    untouched = results["untouched"]
-    assert untouched["passes"], untouched["per_concept_acc"]
-    assert min(untouched["per_concept_acc"].values()) >= run.UNTOUCHED_FLOOR
-    assert set(untouched["per_concept_acc"]) == {name for _, name in world.all_concepts()}
+    toy = results["toys"]["causal"]
+    assert toy["untouched"]["passes"], toy["untouched"]["accuracy"]
+    assert set(toy["untouched"]["accuracy"]["train"]) == {name for _, name in world.all_concepts()}
 
     on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert set(on_disk["methods"]) == set(methods.METHODS)
-    for name, m in on_disk["methods"].items():
-        for key in ("acc_e", "acc_g", "acc_s", "h_o", "asr"):
-            assert 0.0 <= m[key] <= 1.0, (name, key, m[key])
+    summary = on_disk["toys"]["causal"]["methods"]
+    assert set(summary) == set(methods.METHODS)
+    for name, m in summary.items():
+        for key in ("acc_e", "acc_g", "acc_s", "h_o", "asr", "attack_accuracy"):
+            assert 0.0 <= m[key]["low"] <= m[key]["value"] <= m[key]["high"] <= 1.0, (name, key, m[key])
         assert m["fid_preserve"] >= 0 and m["stage1_s_per_concept"] > 0 and m["stage2_s_per_concept"] >= 0
-    assert on_disk["methods"]["ace_stage1"]["stage2_s_per_concept"] == 0
-    assert on_disk["methods"]["ace"]["stage2_s_per_concept"] > 0
+    assert summary["ace_stage1"]["stage2_s_per_concept"] == 0 and summary["ace"]["stage2_s_per_concept"] > 0
+    assert set(summary["ace"]["difference_to"]) == set(summary) - {"ace"}
     # the baked model is the fine-tuned erasure with its gate open: not the same model as `ace`
-    assert on_disk["methods"]["ace_baked"]["fid_preserve"] != on_disk["methods"]["ace"]["fid_preserve"]
-    assert [(r["method"], r["n_concepts"]) for r in on_disk["scaling"]] == [("ace", 3)]
-    assert "cores" in on_disk["machine"]
+    assert summary["ace_baked"]["fid_preserve"] != summary["ace"]["fid_preserve"]
+    assert [(r["method"], r["n_concepts"]) for r in on_disk["toys"]["causal"]["scaling"]] == [("ace", 3)]
+    assert "cores" in on_disk["machine"] and on_disk["command"].startswith("python -m benchmark.run --quick")
 
     report = (tmp_path / "report.md").read_text()
-    assert "| ace |" in report and "| esd_x |" in report and "Scaling" in report
-    for png in ("h_o.png", "scaling.png", "samples_circle.png"):
+    assert "| ace |" in report and "| rece |" in report and "Scaling" in report and "within noise" in report
+    for png in ("causal/h_o.png", "causal/scaling.png", "causal/samples_circle.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
         assert f"]({png})" in report

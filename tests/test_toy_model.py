@@ -13,9 +13,12 @@ from toy import world
 from toy.classifier import classify, load_classifier
 
 
-@pytest.fixture(scope="module")
-def toy(comfy):
-    return pack().toy.model.load_toy_model("bidirectional")
+VARIANTS = {"causal": ("AceToyCausal", "ace-toy-causal"), "bidirectional": ("AceToy", "ace-toy")}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def toy(comfy, request):
+    return request.param, pack().toy.model.load_toy_model(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +30,17 @@ def test_toy_model_is_an_ace_toy_comfy_model(toy):
     import comfy.model_base
     import comfy.model_patcher
 
-    model, clip, vae = toy
+    name, (model, clip, vae) = toy
+    config, family = VARIANTS[name]
     assert isinstance(model, comfy.model_patcher.ModelPatcher)
     assert isinstance(model.model, comfy.model_base.BaseModel)
-    assert type(model.model.model_config).__name__ == "AceToy"
-    assert pack().nodes.comfy_models.family_of(model) == "ace-toy"
+    assert type(model.model.model_config).__name__ == config
+    assert pack().nodes.comfy_models.family_of(model) == family
     assert model.get_model_object("latent_format").latent_channels == 3
 
 
 def test_cross_attention_takes_minilm_context(toy):
-    model, clip, _ = toy
+    _, (model, clip, _) = toy
     kv = {name: m for name, m in model.model.diffusion_model.named_modules()
           if name.endswith(("attn2.to_k", "attn2.to_v"))}
     assert len(kv) >= 4
@@ -46,7 +50,7 @@ def test_cross_attention_takes_minilm_context(toy):
 
 
 def test_pixel_vae_round_trip(toy):
-    _, _, vae = toy
+    _, (_, _, vae) = toy
     latent = torch.rand(2, 3, 16, 16) * 2 - 1
     image = vae.decode(latent)
     assert image.shape == (2, 16, 16, 3)
@@ -54,7 +58,7 @@ def test_pixel_vae_round_trip(toy):
 
 
 def test_comfy_sampler_draws_the_prompted_shapes(toy, classifier):
-    model, clip, vae = toy
+    _, (model, clip, vae) = toy
     prompts = [world.Prompt(f"a {c} {o}", o, c, None)
                for o, c in zip(world.OBJECTS * 2, world.COLOURS * 4)]
     images = pack().toy.model.generate(model, clip, [p.text for p in prompts], seed=0)
@@ -65,3 +69,13 @@ def test_comfy_sampler_draws_the_prompted_shapes(toy, classifier):
     # Chance is 1/8 for the object and 1/4 for the colour.
     assert objects >= 0.75, f"object accuracy {objects:.2f}: {list(zip(pred['object'], [q.text for q in prompts]))}"
     assert colours >= 0.9, f"colour accuracy {colours:.2f}"
+
+
+def test_the_causal_encoder_reads_left_to_right_and_the_bidirectional_one_both_ways(comfy):
+    toy = pack().toy.model
+    for name, causal in (("causal", True), ("bidirectional", False)):
+        clip = toy.load_toy_clip(name)
+        e = toy.encode_prompts(clip, ["a red circle", "a red square"])
+        prefix_equal = torch.allclose(e[0, :3], e[1, :3])  # [CLS] a red: the same words so far
+        assert prefix_equal == causal, name
+        assert not torch.allclose(e[0, 3], e[1, 3])

@@ -15,4 +15,4 @@
 SAMPLER = {"sampler_name": "euler", "scheduler": "karras", "steps": 20, "cfg": 3.0}
 IMAGE_SIZE = 128
 # The toy model the node, the command line and the demo load unless told otherwise.
-DEFAULT_MODEL = "bidirectional"
+DEFAULT_MODEL = "causal"

@@ -1,0 +1,111 @@
+"""Where ACE's gates open: the numbers behind the erasure-quality changes, on the toy model.
+
+    .venv/bin/python -m benchmark.diagnose                         # causal toy, the four targets, stage 1
+    .venv/bin/python -m benchmark.diagnose --toy bidirectional --steps 40 --scaling 10 --out diag.json
+
+For each target erased alone (ACE, stage 1 unless --steps), the target's gate on the words the
+request names, on the concept's other words (left-out synonyms), on templates training never
+saw, on the soft word a textual-inversion attacker ends with, and on kept concepts' prompts,
+those that name the erased attribute ("a red striped hourglass" with "red" erased) apart. With
+--scaling N, N concepts erased at once: how many gates open (> 0.5) on each kept prompt, and how
+far the routed gate opens there. A gate is the largest value over a prompt's tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from benchmark.prompts import load_prompt_file, split_prompts
+from benchmark.run import SCALING_ORDER, TARGETS, kind_of, make_request
+from runner import host
+from toy import world
+
+
+def prompt_gates(erasure, clip, prompts: list[str]) -> torch.Tensor:
+    """[prompts, gates]: each gate's largest value over each prompt's tokens."""
+    context = host.start().toy.model.encode_prompts(clip, prompts)
+    with torch.no_grad():
+        return erasure.adapter.gate(context).amax(dim=1)
+
+
+def summary(values: torch.Tensor) -> dict:
+    return {"mean": round(values.float().mean().item(), 3), "min": round(values.min().item(), 3),
+            "max": round(values.max().item(), 3), "n": len(values)}
+
+
+def single(target: str, model, clip, classifier, prompt_file: dict, steps: int, expand: bool) -> dict:
+    from benchmark.attack import soft_prompt_attack
+
+    pack = host.start()
+    ace = pack.ace
+    kind = kind_of(target)
+    erasure = pack.nodes.erase.erase_from_model(
+        model, clip, make_request([target], prompt_file), ace.closed_form.ClosedFormConfig(),
+        ace.finetune.FinetuneConfig(steps=steps), expansion=ace.expansion.ExpansionConfig(enabled=expand))
+    gate = {}
+    for split in ("request", "left_out", "heldout"):
+        gate[split] = summary(prompt_gates(erasure, clip, [p.text for p in split_prompts(kind, target, split, prompt_file)])[:, 0])
+    kept, composed = [], []
+    for k, name in world.all_concepts():
+        if name == target:
+            continue
+        for p in world.concept_prompts(k, name):
+            (composed if target in (p.object, p.colour, p.style) else kept).append(p.text)
+    gate["kept"] = summary(prompt_gates(erasure, clip, kept)[:, 0])
+    if composed:
+        gate["kept_naming_the_target"] = summary(prompt_gates(erasure, clip, composed)[:, 0])
+    erased = pack.nodes.comfy_models.with_erasure(model, erasure, 1.0)
+    hit = soft_prompt_attack(erased, clip, classifier, kind, target, prompt_file["request"][target][0], prompt_file,
+                             steps=40, batch=8)
+    with torch.no_grad():
+        gate["attacker_soft_word"] = summary(erasure.adapter.gate(hit["contexts"]).amax(dim=1)[:, 0])
+    return {"gate": gate, "attack_accuracy": hit["accuracy"],
+            "found_words": erasure.info.get("expansion", {}).get("found", {}).get(target, [])}
+
+
+def several(n: int, model, clip, prompt_file: dict, steps: int, expand: bool) -> dict:
+    pack = host.start()
+    ace = pack.ace
+    erased_names = list(SCALING_ORDER[:n])
+    erasure = pack.nodes.erase.erase_from_model(
+        model, clip, make_request(erased_names, prompt_file), ace.closed_form.ClosedFormConfig(),
+        ace.finetune.FinetuneConfig(steps=steps), expansion=ace.expansion.ExpansionConfig(enabled=expand))
+    prompts = [p.text for k, name in world.all_concepts() if name not in erased_names
+               for p in world.concept_prompts(k, name)
+               if not {p.object, p.colour, p.style, p.entity} & set(erased_names)]
+    gates = prompt_gates(erasure, clip, prompts)
+    open_count = (gates > 0.5).sum(dim=1)
+    return {"concepts": n, "kept_prompts": len(prompts),
+            "gates_open_per_kept_prompt": {str(k): int((open_count == k).sum()) for k in range(int(open_count.max()) + 1)},
+            "routed_gate_on_kept_prompts": summary(gates.max(dim=1).values)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--toy", choices=("causal", "bidirectional"), default="causal")
+    ap.add_argument("--targets", nargs="+", default=list(TARGETS))
+    ap.add_argument("--steps", type=int, default=0, help="stage-2 steps per concept (default 0: stage 1 alone)")
+    ap.add_argument("--no-expand", action="store_true", help="without concept expansion")
+    ap.add_argument("--scaling", type=int, nargs="*", default=[10], help="numbers of concepts erased at once")
+    ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    args = ap.parse_args()
+    from toy.classifier import load_classifier
+
+    model, clip, _ = host.start().toy.model.load_toy_model(args.toy)
+    prompt_file, classifier = load_prompt_file(), load_classifier()
+    out = {"toy": args.toy, "steps": args.steps, "expand": not args.no_expand, "targets": {}, "scaling": []}
+    for target in args.targets:
+        out["targets"][target] = single(target, model, clip, classifier, prompt_file, args.steps, not args.no_expand)
+        print(target, json.dumps(out["targets"][target]), flush=True)
+    for n in args.scaling:
+        out["scaling"].append(several(n, model, clip, prompt_file, args.steps, not args.no_expand))
+        print(json.dumps(out["scaling"][-1]), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
