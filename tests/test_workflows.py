@@ -1,4 +1,4 @@
-"""The shipped workflows (workflows/*.json): well-formed for the frontend, and every one runs on the
+"""The shipped workflows (example_workflows/*.json): well-formed for the frontend, and every one runs on the
 real ComfyUI server with the tiny checkpoint and produces its images and files.
 
 One server serves the whole session (the `comfy_server` fixture); the workflow that saves an
