@@ -53,7 +53,7 @@ class EraseConcept(io.ComfyNode):
         return io.Schema(
             node_id="ACEErasure_EraseConcept",
             display_name="ACE Erase Concept",
-            category="ACE",
+            category="ACE/erase",
             description=(
                 "Erase concepts (a style, a person, an object) from the model with ACE: a closed-form "
                 "gated edit of every cross-attention key/value, then a short adversarial fine-tuning. "
@@ -90,7 +90,7 @@ class ConceptList(io.ComfyNode):
         return io.Schema(
             node_id="ACEErasure_ConceptList",
             display_name="ACE Concept List",
-            category="ACE",
+            category="ACE/stages",
             description="The concepts to erase, what they become, and what to keep, checked before any work starts.",
             inputs=[
                 io.String.Input("concepts", multiline=True, default="", tooltip=CONCEPTS_TOOLTIP),
@@ -111,7 +111,7 @@ class ClosedFormErasure(io.ComfyNode):
         return io.Schema(
             node_id="ACEErasure_ClosedForm",
             display_name="ACE Closed-Form Erasure",
-            category="ACE",
+            category="ACE/stages",
             description="Stage 1 of ACE: the gated low-rank edit of every cross-attention key/value, solved in closed form (seconds, no training).",
             inputs=[
                 io.Model.Input("model", tooltip="The model the erasure is computed for (not changed)."),
@@ -135,7 +135,7 @@ class AdversarialFineTune(io.ComfyNode):
         return io.Schema(
             node_id="ACEErasure_FineTune",
             display_name="ACE Adversarial Fine-Tune",
-            category="ACE",
+            category="ACE/stages",
             description=(
                 "Stage 2 of ACE: a short fine-tuning of the erasure on examples the original model "
                 "generates, with adversarial perturbations of the concept's tokens, so that synonyms "
@@ -173,7 +173,7 @@ class ApplyErasure(io.ComfyNode):
         return io.Schema(
             node_id="ACEErasure_Apply",
             display_name="ACE Apply Erasure",
-            category="ACE",
+            category="ACE/erase",
             description=(
                 "Apply an erasure to a model at a strength: the model it was made from, the same model "
                 "after other LoRAs, or another fine-tune of the same base model."
