@@ -9,7 +9,8 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..ace.adapter import check_strength
 from ..ace.closed_form import ClosedFormConfig
-from ..ace.concepts import ConceptRequest, parse_request
+from ..ace.concepts import ConceptRequest
+from ..ace.presets import NO_PRESET, preset_names, request_with_preset
 from ..ace.erasure import Erasure, erase, fine_tune
 from ..ace.finetune import FinetuneConfig
 from .comfy_models import network_of, with_erasure
@@ -22,6 +23,15 @@ CONCEPTS_TOOLTIP = (
     "One concept to erase per line; synonyms after a colon, separated by commas. "
     "Example: 'Van Gogh: Vincent van Gogh, van gogh style'."
 )
+
+
+def preset_input() -> io.Combo.Input:
+    """The concept preset a node starts from (presets/*.json). Optional and last, so that graphs
+    saved before it existed load with their values in place and run without a preset."""
+    return io.Combo.Input(
+        "preset", options=[NO_PRESET, *preset_names()], default=NO_PRESET, optional=True,
+        tooltip="A curated concept list to start from (the help page lists them); the concepts, anchor and "
+                "preserve boxes add to it. A starting point, not a guarantee: check wordings with ACE Inspect Prompt.")
 
 
 def _progress_callback(total: int):
@@ -69,6 +79,7 @@ class EraseConcept(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05, tooltip="How strongly the erasure applies: 0 leaves the model as it was, 1 is the full erasure."),
                 io.Int.Input("steps", default=40, min=0, max=1000, tooltip="Adversarial fine-tuning steps after the closed form; 0 uses the closed form only (seconds, no training)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip="Seed of the fine-tuning's noise and attacks; the same seed gives the same erasure."),
+                preset_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the concepts erased."),
@@ -77,9 +88,9 @@ class EraseConcept(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, concepts, anchor, preserve, strength, steps, seed) -> io.NodeOutput:
+    def execute(cls, model, clip, concepts, anchor, preserve, strength, steps, seed, preset=NO_PRESET) -> io.NodeOutput:
         check_strength(strength)
-        request = parse_request(concepts, anchor, preserve)
+        request = request_with_preset(preset, concepts, anchor, preserve)
         erasure = erase_from_model(model, clip, request, ClosedFormConfig(), FinetuneConfig(steps=steps, seed=seed))
         return io.NodeOutput(with_erasure(model, erasure, strength), erasure)
 
@@ -96,13 +107,14 @@ class ConceptList(io.ComfyNode):
                 io.String.Input("concepts", multiline=True, default="", tooltip=CONCEPTS_TOOLTIP),
                 io.String.Input("anchor", default="", tooltip="What the concepts become (e.g. 'a painting'); empty maps them onto nothing."),
                 io.String.Input("preserve", multiline=True, default="", tooltip="Concepts that must keep rendering as before, separated by commas or new lines."),
+                preset_input(),
             ],
             outputs=[Concepts_.Output(display_name="CONCEPTS", tooltip="The checked concept request.")],
         )
 
     @classmethod
-    def execute(cls, concepts, anchor, preserve) -> io.NodeOutput:
-        return io.NodeOutput(parse_request(concepts, anchor, preserve))
+    def execute(cls, concepts, anchor, preserve, preset=NO_PRESET) -> io.NodeOutput:
+        return io.NodeOutput(request_with_preset(preset, concepts, anchor, preserve))
 
 
 class ClosedFormErasure(io.ComfyNode):
