@@ -13,7 +13,7 @@ CATEGORIES = {
     "ACEErasure_ConceptList": "ACE/stages", "ACEErasure_ClosedForm": "ACE/stages", "ACEErasure_FineTune": "ACE/stages",
     "ACEErasure_Save": "ACE/files", "ACEErasure_Load": "ACE/files", "ACEErasure_ExportLoRA": "ACE/files",
     "ACEErasure_Bake": "ACE/files",
-    "ACEErasure_ModelInfo": "ACE/inspect",
+    "ACEErasure_ModelInfo": "ACE/inspect", "ACEErasure_InspectPrompt": "ACE/inspect",
     "ACEErasure_LoadToyModel": "ACE/demo",
 }
 TINY_SD15_REPORT = "sd1: 4 cross-attention layers (8 key/value projections), context 768, inner widths 320"
