@@ -120,15 +120,15 @@ def verdict(result: PromptGates, names: list[str]) -> str:
     acting = [k for k in range(len(names)) if best[k] >= FIRES]
     if not acting:
         k = int(best.argmax())
-        return f"not erased: no concept's gate reaches {FIRES} (largest {float(best[k]):.2f}, {names[k]})"
+        return f"untouched: no concept's gate reaches {FIRES} (largest {float(best[k]):.2f}, {names[k]})"
     parts = [f"{names[k]} ({float(best[k]):.2f} at {result.tokens[int(where[k])].label}"
              + (f", strength {result.strengths[k]:g})" if result.strengths[k] != 1 else ")") for k in acting]
-    return "erased: " + ", ".join(parts)
+    return "the edit acts: " + ", ".join(parts)
 
 
 def report_text(results: list[PromptGates], names: list[str], scopes: set[str]) -> str:
-    lines = [f"ACE Inspect Prompt: {len(names)} concept slot(s); gate 0 = untouched, 1 = erased "
-             f"(the edit acts where the gate is near 1)."]
+    lines = [f"ACE Inspect Prompt: {len(names)} concept slot(s); gate 0: the prompt goes through the original "
+             f"model, 1: the edit acts (it maps the concept onto its anchor)."]
     lines += [f"  [{k + 1}] {name}" for k, name in enumerate(names)]
     if "prompt" in scopes:
         lines.append("  This model's text encoder reads both ways: the prompt's largest gate applies at every token.")

@@ -50,11 +50,11 @@ def test_the_report_says_which_prompts_the_erasure_acts_on_and_where(toy_erased)
     assert "reads both ways: the prompt's largest gate applies at every token" in lines[1 + len(names)]
     brontel, circle = names[slot_of(names, "Brontel")], names[slot_of(names, "circle")]
     said = verdicts(report)
-    assert said[0].startswith(f"erased: {brontel} (") and said[0].endswith(" at bro)")
+    assert said[0].startswith(f"the edit acts: {brontel} (") and said[0].endswith(" at bro)")
     # A wording the preset does not list is caught too: the inspector shows it before rendering.
-    assert said[1].startswith(f"erased: {brontel} (")
-    assert f"{circle} (" in said[2] and said[2].startswith("erased: ")
-    assert said[3].startswith("not erased: no concept's gate reaches 0.5") and said[4].startswith("not erased")
+    assert said[1].startswith(f"the edit acts: {brontel} (")
+    assert f"{circle} (" in said[2] and said[2].startswith("the edit acts: ")
+    assert said[3].startswith("untouched: no concept's gate reaches 0.5") and said[4].startswith("untouched")
 
 
 def test_gates_per_token_are_the_adapters_on_what_the_model_receives(toy_erased, comfy):
@@ -96,14 +96,14 @@ def test_an_erased_model_is_inspected_at_the_strength_it_was_applied_with(comfy)
     first = tuple(result.outputs["erase"][1].slot_names())
     circle = first[slot_of(list(first), "circle")]
     said = verdicts(result.outputs["inspect"][0])
-    assert said[0].startswith(f"erased: {circle} (") and said[0].endswith(" at disc, strength 0.5)")
+    assert said[0].startswith(f"the edit acts: {circle} (") and said[0].endswith(" at disc, strength 0.5)")
     applied = pack().nodes.comfy_models.erasures_on(result.outputs["second"][0])
     assert [a.slot_names for a in applied] == [first, ("striped",)]  # in the order they were applied
     assert [a.adapter.strength for a in applied] == [0.5, 1.0]
     both = result.outputs["inspect_both"][0].splitlines()
     assert both[1:2 + len(first)] == [f"  [{k + 1}] {name}" for k, name in enumerate([*first, "striped"])]
     said = verdicts(result.outputs["inspect_both"][0])
-    assert f"{circle} (" in said[0] and said[1].startswith("erased: ") and "striped (" in said[1]
+    assert f"{circle} (" in said[0] and said[1].startswith("the edit acts: ") and "striped (" in said[1]
 
 
 def test_clip_tokens_line_up_with_the_embeddings_on_sd15(tiny_sd15):
