@@ -121,6 +121,14 @@ def test_the_packed_archive_holds_the_pack_and_nothing_for_development(archive):
     assert not any(n.startswith((".venv/", ".cache/", ".git/")) or "__pycache__" in n for n in names)
 
 
+def _has(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 def _pip(python: Path, *args) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     run = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *map(str, args)],
@@ -141,14 +149,14 @@ def test_a_fresh_comfyui_with_only_the_requirements_runs_the_toy_workflow(archiv
     torch and ComfyUI's requirements, the registry archive unpacked into custom_nodes/, then its
     requirements.txt installed. The toy workflow must then run on ComfyUI's server.
 
-    A new venv without system site packages: torch and torchvision first (the versions this
-    environment runs; torchaudio, which ComfyUI also lists, has no build for them), then ComfyUI's
-    requirements.txt without those three (and requests, see below). Nothing of the development
-    environment is visible in it."""
+    A new venv without system site packages: first the torch stack this environment runs (torch,
+    torchvision, and torchaudio where it has one: torch 2.14.1 has no torchaudio build), then
+    ComfyUI's requirements.txt without those three (and requests, see below). Nothing of the
+    development environment is visible in it."""
     comfy = comfyui_path()
     python = tmp_path / "venv" / "bin" / "python"
     subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True, timeout=120)
-    _pip(python, *(f"{name}=={importlib.metadata.version(name)}" for name in ("torch", "torchvision")))
+    _pip(python, *(f"{name}=={importlib.metadata.version(name)}" for name in sorted(NEVER_LISTED) if _has(name)))
     comfy_requirements = tmp_path / "comfyui-requirements.txt"
     comfy_requirements.write_text("\n".join(
         line for line in (comfy / "requirements.txt").read_text().splitlines()
