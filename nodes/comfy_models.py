@@ -234,7 +234,7 @@ def erasures_on(model_patcher) -> list[AppliedErasure]:
             chain.append(forward.edit)
             forward = forward.inner
         for edit in reversed(chain):  # innermost first: the first applied
-            if hasattr(edit, "gate"):
+            if hasattr(edit, "gate"):  # gated edits only (a plain weight delta has no gate to show)
                 found.setdefault(id(edit), edit)
     return [AppliedErasure(edit, _SLOT_NAMES.get(edit) or tuple(f"concept {k + 1}" for k in range(edit.num_slots)))
             for edit in found.values()]

@@ -10,9 +10,9 @@ from comfy_api.v0_0_2 import io, ui
 from ..ace.adapter import check_strength
 from ..ace.closed_form import ClosedFormConfig
 from ..ace.concepts import ConceptRequest
-from ..ace.presets import NO_PRESET, preset_names, request_with_preset
 from ..ace.erasure import Erasure, erase, fine_tune
 from ..ace.finetune import FinetuneConfig
+from ..ace.presets import NO_PRESET, preset_names, request_with_preset
 from .comfy_models import network_of, with_erasure
 from .loss_plot import loss_curve_image
 

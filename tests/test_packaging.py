@@ -18,6 +18,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from PIL import Image
 
+from ace.presets import preset_names
 from comfy_harness import PACK_NAME, REPO, ComfyServer, copy_tracked_tree
 from runner.host import comfyui_path
 from runner.workflows import DEMO, load, to_api
@@ -115,6 +116,7 @@ def test_the_packed_archive_holds_the_pack_and_nothing_for_development(archive):
     assert {"__init__.py", "pyproject.toml", "LICENSE", "requirements.txt", "README.md",
             "nodes/__init__.py", "nodes/model_info.py", "toy/weights/toy_unet.safetensors"} <= names
     assert {f"web/docs/{node_id}.md" for node_id in NODE_IDS} <= names
+    assert {f"presets/{name}.json" for name in preset_names()} <= names
     workflows = {p.relative_to(REPO).as_posix() for p in (REPO / "example_workflows").iterdir()}
     assert workflows and workflows <= names  # the templates and their thumbnails
     assert not [n for n in names if n.startswith(DEVELOPMENT_ONLY)]
