@@ -7,13 +7,14 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .erase import ERASE_NODES
 from .files import FILE_NODES
+from .inspect_prompt import INSPECT_NODES
 from .model_info import MODEL_INFO_NODES
 from .toy_model import TOY_MODEL_NODES
 
 
 class ACEErasureExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*ERASE_NODES, *FILE_NODES, *MODEL_INFO_NODES, *TOY_MODEL_NODES]
+        return [*ERASE_NODES, *FILE_NODES, *MODEL_INFO_NODES, *INSPECT_NODES, *TOY_MODEL_NODES]
 
 
 async def comfy_entrypoint() -> ACEErasureExtension:

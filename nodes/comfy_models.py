@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import weakref
+from dataclasses import dataclass
 from typing import Iterator
 
 import comfy.lora
@@ -334,9 +335,40 @@ def with_erasure(model_patcher, erasure: Erasure, strength: float):
     adapter = copy.deepcopy(erasure.adapter)
     adapter.strength = strength
     adapter.requires_grad_(False)
+    _GATE_NAMES[adapter] = tuple(erasure.gate_names())
     clone = patched_clone(model_patcher, adapter)
     clone.add_object_patch(SAVE_GUARD, RefuseUnbakedSave())
     return clone
+
+
+# The concepts of each adapter `with_erasure` put on a MODEL (the MODEL carries the adapter
+# alone), for `erasures_on`; an entry goes when its adapter does.
+_GATE_NAMES: "weakref.WeakKeyDictionary[ProjectionEdit, tuple[str, ...]]" = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class AppliedErasure:
+    """A gated erasure as a MODEL runs it: its adapter (with the strength it was applied at) and
+    the concept of each of its gates."""
+
+    adapter: ProjectionEdit
+    gate_names: tuple[str, ...]
+
+
+def erasures_on(model_patcher) -> list[AppliedErasure]:
+    """The gated erasures on a MODEL, in the order they were applied (ACE Erase Concept, ACE
+    Apply Erasure, chained): the ACE forwards of its object patches, walked as `baked` does."""
+    found: dict[int, ProjectionEdit] = {}
+    for forward in model_patcher.object_patches.values():
+        chain = []
+        while isinstance(forward, PatchedForward):
+            chain.append(forward.edit)
+            forward = forward.inner
+        for edit in reversed(chain):  # innermost first: the first applied
+            if hasattr(edit, "gate"):  # gated edits only (a plain weight delta has no gate to show)
+                found.setdefault(id(edit), edit)
+    return [AppliedErasure(edit, _GATE_NAMES.get(edit) or tuple(f"concept {k + 1}" for k in range(edit.num_gates)))
+            for edit in found.values()]
 
 
 def baked(model_patcher):

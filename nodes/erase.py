@@ -9,10 +9,11 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..ace.adapter import check_strength
 from ..ace.closed_form import ClosedFormConfig
-from ..ace.concepts import ConceptRequest, parse_request
+from ..ace.concepts import ConceptRequest
 from ..ace.erasure import Erasure, erase, fine_tune
 from ..ace.expansion import ExpansionConfig
 from ..ace.finetune import FinetuneConfig
+from ..ace.presets import NO_PRESET, preset_names, request_with_preset
 from .comfy_models import network_of, with_erasure
 from .loss_plot import loss_curve_image
 
@@ -23,6 +24,15 @@ CONCEPTS_TOOLTIP = (
     "One concept to erase per line; synonyms after a colon, separated by commas. "
     "Example: 'Van Gogh: Vincent van Gogh, van gogh style'."
 )
+
+
+def preset_input() -> io.Combo.Input:
+    """The concept preset a node starts from (presets/*.json). Optional and last, so that graphs
+    saved before it existed load with their values in place and run without a preset."""
+    return io.Combo.Input(
+        "preset", options=[NO_PRESET, *preset_names()], default=NO_PRESET, optional=True,
+        tooltip="A curated concept list to start from (the help page lists them); the concepts, anchor and "
+                "preserve boxes add to it. A starting point, not a guarantee: check wordings with ACE Inspect Prompt.")
 
 
 def _progress_callback(total: int):
@@ -64,7 +74,7 @@ class EraseConcept(io.ComfyNode):
         return io.Schema(
             node_id="ACEErasure_EraseConcept",
             display_name="ACE Erase Concept",
-            category="ACE",
+            category="ACE/erase",
             description=(
                 "Erase concepts (a style, a person, an object) from the model with ACE: a closed-form "
                 "gated edit of every cross-attention key/value, then a short adversarial fine-tuning. "
@@ -81,6 +91,7 @@ class EraseConcept(io.ComfyNode):
                 io.Int.Input("steps", default=40, min=0, max=1000, tooltip="Adversarial fine-tuning steps after the closed form; 0 uses the closed form only (seconds, no training)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip="Seed of the fine-tuning's noise and attacks; the same seed gives the same erasure."),
                 io.Boolean.Input("expand", default=True, optional=True, tooltip="Also erase the other words the model draws each concept from, found in the model itself (shown on the node). Off: only the words you typed."),
+                preset_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the concepts erased."),
@@ -89,9 +100,10 @@ class EraseConcept(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, concepts, anchor, preserve, strength, steps, seed, expand=True) -> io.NodeOutput:
+    def execute(cls, model, clip, concepts, anchor, preserve, strength, steps, seed, expand=True,
+                preset=NO_PRESET) -> io.NodeOutput:
         check_strength(strength)
-        request = parse_request(concepts, anchor, preserve)
+        request = request_with_preset(preset, concepts, anchor, preserve)
         erasure = erase_from_model(model, clip, request, ClosedFormConfig(), FinetuneConfig(steps=steps, seed=seed),
                                    expansion=ExpansionConfig(enabled=expand))
         return io.NodeOutput(with_erasure(model, erasure, strength), erasure, ui=ui.PreviewText(found_words(erasure)))
@@ -103,19 +115,20 @@ class ConceptList(io.ComfyNode):
         return io.Schema(
             node_id="ACEErasure_ConceptList",
             display_name="ACE Concept List",
-            category="ACE",
+            category="ACE/stages",
             description="The concepts to erase, what they become, and what to keep, checked before any work starts.",
             inputs=[
                 io.String.Input("concepts", multiline=True, default="", tooltip=CONCEPTS_TOOLTIP),
                 io.String.Input("anchor", default="", tooltip="What the concepts become (e.g. 'a painting'); empty maps them onto nothing."),
                 io.String.Input("preserve", multiline=True, default="", tooltip="Concepts that must keep rendering as before, separated by commas or new lines."),
+                preset_input(),
             ],
             outputs=[Concepts_.Output(display_name="CONCEPTS", tooltip="The checked concept request.")],
         )
 
     @classmethod
-    def execute(cls, concepts, anchor, preserve) -> io.NodeOutput:
-        return io.NodeOutput(parse_request(concepts, anchor, preserve))
+    def execute(cls, concepts, anchor, preserve, preset=NO_PRESET) -> io.NodeOutput:
+        return io.NodeOutput(request_with_preset(preset, concepts, anchor, preserve))
 
 
 class ClosedFormErasure(io.ComfyNode):
@@ -124,7 +137,7 @@ class ClosedFormErasure(io.ComfyNode):
         return io.Schema(
             node_id="ACEErasure_ClosedForm",
             display_name="ACE Closed-Form Erasure",
-            category="ACE",
+            category="ACE/stages",
             description="Stage 1 of ACE: the gated low-rank edit of every cross-attention key/value, solved in closed form (seconds, no training).",
             inputs=[
                 io.Model.Input("model", tooltip="The model the erasure is computed for (not changed)."),
@@ -150,7 +163,7 @@ class AdversarialFineTune(io.ComfyNode):
         return io.Schema(
             node_id="ACEErasure_FineTune",
             display_name="ACE Adversarial Fine-Tune",
-            category="ACE",
+            category="ACE/stages",
             description=(
                 "Stage 2 of ACE: a short fine-tuning of the erasure on examples the original model "
                 "generates, with adversarial perturbations of the concept's tokens, so that synonyms "
@@ -189,7 +202,7 @@ class ApplyErasure(io.ComfyNode):
         return io.Schema(
             node_id="ACEErasure_Apply",
             display_name="ACE Apply Erasure",
-            category="ACE",
+            category="ACE/erase",
             description=(
                 "Apply an erasure to a model at a strength: the model it was made from, the same model "
                 "after other LoRAs, or another fine-tune of the same base model."

@@ -40,7 +40,7 @@ class SaveErasure(io.ComfyNode):
         return io.Schema(
             node_id="ACEErasure_Save",
             display_name="ACE Save Erasure",
-            category="ACE",
+            category="ACE/files",
             description="Save an erasure (the gated ACE edit, a few MB) into models/ace_erasures as .safetensors.",
             inputs=[
                 Erasure_.Input("erasure", tooltip="The erasure to save."),
@@ -65,7 +65,7 @@ class LoadErasure(io.ComfyNode):
         return io.Schema(
             node_id="ACEErasure_Load",
             display_name="ACE Load Erasure",
-            category="ACE",
+            category="ACE/files",
             description="Load an erasure saved by ACE Save Erasure from models/ace_erasures.",
             inputs=[io.Combo.Input("file_name", options=folder_paths.get_filename_list(FOLDER), tooltip="An erasure file in models/ace_erasures.")],
             outputs=[Erasure_.Output(display_name="ERASURE", tooltip="The loaded erasure; apply it with ACE Apply Erasure.")],
@@ -86,7 +86,7 @@ class ExportLoRA(io.ComfyNode):
         return io.Schema(
             node_id="ACEErasure_ExportLoRA",
             display_name="ACE Export LoRA",
-            category="ACE",
+            category="ACE/files",
             description=(
                 "Export the erasure as a standard LoRA into models/loras, for ComfyUI's LoraLoader, "
                 "A1111 or diffusers. The LoRA has no gate: it also shifts prompts unrelated to the "
@@ -117,7 +117,7 @@ class BakeErasure(io.ComfyNode):
         return io.Schema(
             node_id="ACEErasure_Bake",
             display_name="ACE Bake Erasure",
-            category="ACE",
+            category="ACE/files",
             description=(
                 "Write the erasures of an erased MODEL into its weights, so that Save Checkpoint (and every "
                 "node that saves or merges weights) keeps them. Baking opens the gate: the edit then also "

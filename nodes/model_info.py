@@ -42,7 +42,7 @@ class ModelInfo(io.ComfyNode):
         return io.Schema(
             node_id="ACEErasure_ModelInfo",
             display_name="ACE Model Info",
-            category="ACE",
+            category="ACE/inspect",
             description=(
                 "Shows what ACE would edit in this model: its family and its cross-attention "
                 "layers (count, text-context width, inner widths). Fails with a clear message "

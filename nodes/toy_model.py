@@ -17,7 +17,7 @@ class LoadToyModel(io.ComfyNode):
         return io.Schema(
             node_id="ACEErasure_LoadToyModel",
             display_name="ACE Load Toy Model (demo)",
-            category="ACE",
+            category="ACE/demo",
             description=(
                 "Loads ACE's toy text-to-image model: 16x16 pictures of shapes (square, circle, ...), "
                 "colours, fill styles and four made-up named entities (Vexmoor, Quillane, Brontel, "

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import toy
+from ace.presets import NO_PRESET, preset_names  # plain data: the choices, before ComfyUI starts
 from runner import host
 from runner.pictures import Row, grid, to_image
 
@@ -86,15 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="ENCODER", help="ACE's toy model (toy/model.py) instead; ENCODER: causal or "
                                                f"bidirectional (default {toy.DEFAULT_MODEL})")
 
-    what = erase.add_argument_group("what to erase")
-    concepts = what.add_mutually_exclusive_group(required=True)
+    what = erase.add_argument_group("what to erase (--preset and/or --concepts or --concepts-file)")
+    what.add_argument("--preset", choices=preset_names(), metavar="NAME",
+                      help="start from a curated concept list with its suggested anchor and preserve list "
+                           f"(presets/NAME.json): {', '.join(preset_names())}; --concepts, --anchor and --preserve "
+                           "add to it. A starting point, not a guarantee")
+    concepts = what.add_mutually_exclusive_group()
     concepts.add_argument("--concepts", metavar="TEXT",
                           help="one concept per line (a real newline or \\n), synonyms after a colon, separated by "
                                "commas: 'Van Gogh: Vincent van Gogh, van gogh style\\nMonet'")
     concepts.add_argument("--concepts-file", metavar="FILE",
                           help="read the concept list from a text file, in the same format (# starts a comment line)")
     what.add_argument("--anchor", default="", metavar="TEXT",
-                      help="what the concepts become, e.g. 'a painting' (default: nothing)")
+                      help="what the concepts become, e.g. 'a painting' (default: nothing, or the preset's)")
     what.add_argument("--preserve", default="", metavar="TEXT",
                       help="concepts that must render as before, separated by commas: 'Rembrandt, Picasso'")
 
@@ -144,6 +149,7 @@ class Plan:
     checkpoint: Path | None  # None: the toy model
     toy: str | None  # which toy model, when there is no checkpoint
     model_name: str
+    preset: str  # a preset's name, or NO_PRESET
     concepts: str  # the concept list, checked by the pack's parser once ComfyUI is up
     anchor: str
     preserve: str
@@ -159,6 +165,10 @@ def _one_line(error: BaseException | str) -> str:
 
 
 def _concept_text(args) -> str:
+    if args.concepts is None and args.concepts_file is None:
+        if args.preset is None:
+            raise CommandError("nothing to erase: give --preset, --concepts or --concepts-file")
+        return ""
     if args.concepts is not None:
         return args.concepts.replace("\\n", "\n")
     path = Path(args.concepts_file)
@@ -275,7 +285,7 @@ def check_args(args) -> Plan:
         if existing and not args.overwrite:
             raise CommandError(f"--eval-dir {eval_dir} already holds {existing[0]}; pass --overwrite to replace it")
     name = f"'{checkpoint.name}'" if checkpoint is not None else f"the {args.toy} toy model"
-    return Plan(checkpoint, args.toy, name, concepts, args.anchor, args.preserve.replace("\\n", "\n"),
+    return Plan(checkpoint, args.toy, name, args.preset or NO_PRESET, concepts, args.anchor, args.preserve.replace("\\n", "\n"),
                 erasure_path, lora_path, bake_path, prompts, eval_dir)
 
 
@@ -387,7 +397,7 @@ def run_erase(args, plan: Plan) -> None:
     pack = start_comfy(args.device, args.threads, args.verbose)
     ace, comfy_models = pack.ace, pack.nodes.comfy_models
     try:
-        request = ace.concepts.parse_request(plan.concepts, plan.anchor, plan.preserve)
+        request = ace.presets.request_with_preset(plan.preset, plan.concepts, plan.anchor, plan.preserve)
     except ace.concepts.ConceptError as e:
         raise CommandError(f"concept list: {_one_line(e)}") from None
     try:

@@ -8,7 +8,7 @@ It starts ComfyUI's own server (`main.py`, CPU) with this pack in a scratch fold
 shipped workflow "ACE 0 - Demo on the toy model" to an API prompt, runs it, and writes to the
 output folder: every picture (`images/`), the before/after grid (`grid.png`, enlarged 8 times) and
 the numbers (`results.json`), then prints a table. With --thumbnails it also runs every shipped
-workflow on the toy model and writes each one's thumbnail (`workflows/<name>.jpg`).
+workflow on the toy model and writes each one's thumbnail (`example_workflows/<name>.jpg`).
 
 Which prompt is which is read from the graph itself: a SaveImage's pictures come from a KSampler
 whose model is either the loader's (before) or an ACE node's (after), and whose positive prompt
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch CPU threads of the ComfyUI server (default 1: the toy model is too small to gain from "
                          "more, and on a busy machine extra threads made the demo ten times slower); 0: every core")
     ap.add_argument("--thumbnails", action="store_true",
-                    help="also run every shipped workflow on the toy model and write workflows/<name>.jpg from its pictures")
+                    help="also run every shipped workflow on the toy model and write example_workflows/<name>.jpg from its pictures")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     out = args.out.resolve()

@@ -29,7 +29,9 @@ from pathlib import Path
 from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
-PACK_NAME = "comfyui-ace"  # the folder name users clone into custom_nodes/
+# The pack's folder in custom_nodes/: its registry name (pyproject.toml), which is the folder ComfyUI
+# Manager and comfy-cli install it into, and which names its group in the template browser.
+PACK_NAME = "ace-concept-erasure"
 RECORDED_PATH = REPO / ".cache" / "comfyui-path"
 
 
@@ -62,7 +64,7 @@ def comfyui_path() -> Path:
 
 
 def link_pack(custom_nodes: Path) -> Path:
-    """Put this checkout into a custom_nodes folder as `comfyui-ace`, as a user's clone would be."""
+    """Put this checkout into a custom_nodes folder as PACK_NAME, where a registry install puts it."""
     custom_nodes.mkdir(parents=True, exist_ok=True)
     link = custom_nodes / PACK_NAME
     if not link.exists():

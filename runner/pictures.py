@@ -87,8 +87,8 @@ BEFORE_AFTER = ["before: base model", "after: erased model"]
 
 
 def thumbnail(images: list[Image.Image], texts: list[str], caption: str, side: int = 512) -> Image.Image:
-    """A square card: the images stacked and enlarged by the largest whole factor that fits
-    (or, without images, the texts), with a caption along the bottom."""
+    """A square card: the images stacked and enlarged by the largest whole factor that fits, or
+    shrunk when they do not fit (without images, the texts), with a caption along the bottom."""
     card = Image.new("RGB", (side, side), BACKGROUND)
     draw = ImageDraw.Draw(card)
     caption_h = 34
@@ -97,10 +97,16 @@ def thumbnail(images: list[Image.Image], texts: list[str], caption: str, side: i
         gap = 4
         w = max(im.width for im in images)
         h = sum(im.height for im in images) + gap * (len(images) - 1)
-        factor = max(1, min(box[0] // w, (box[1] - gap * len(images)) // h))
-        y = 16 + (box[1] - (h * factor + gap * (len(images) - 1))) // 2
-        for im in images:
-            big = enlarge(im, factor)
+        scale = min(box[0] / w, (box[1] - gap * len(images)) / h)
+        if scale >= 1:  # enlarged by a whole factor: crisp pixels
+            sized = [enlarge(im, int(scale)) for im in images]
+            used = h * int(scale) + gap * (len(images) - 1)
+        else:  # larger than the card: shrunk
+            sized = [im.convert("RGB").resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                                              Image.Resampling.LANCZOS) for im in images]
+            used = sum(im.height for im in sized) + gap * (len(sized) - 1)
+        y = 16 + (box[1] - used) // 2
+        for big in sized:
             card.paste(big, ((side - big.width) // 2, y))
             y += big.height + gap
     else:

@@ -57,14 +57,20 @@ class ComfyServer:
     """ComfyUI's real server (`main.py`) in a subprocess, on loopback, CPU only.
 
     Its base directory is a temp folder: models/checkpoints holds the given checkpoints and
-    custom_nodes/comfyui-ace links to this checkout (as a user's clone would be), so only this
+    custom_nodes/<PACK_NAME> links to this checkout (where a registry install puts the pack), so only this
     pack and ComfyUI's built-ins load. Use as a context manager; the process group is killed on
     exit. The server log is in `log_path`.
+
+    `python` runs the server (default: this interpreter); with `link_checkout=False` the base
+    folder's custom_nodes/ is left as the caller filled it (an installed archive, say).
     """
 
     def __init__(self, base_dir: Path, checkpoints: list[Path] = (), start_timeout: float = 120.0,
-                 extra_args: list[str] = (), threads: int | None = None):
+                 extra_args: list[str] = (), threads: int | None = None, python: str | Path = sys.executable,
+                 link_checkout: bool = True):
         self.base_dir = Path(base_dir)
+        self.python = str(python)
+        self.link_checkout = link_checkout
         self.checkpoints = list(checkpoints)
         self.start_timeout = start_timeout
         self.extra_args = list(extra_args)
@@ -78,14 +84,17 @@ class ComfyServer:
         comfy_path = comfyui_path()
         for name in self.checkpoints:
             install_checkpoint(name, self.base_dir / "models")
-        link_pack(self.base_dir / "custom_nodes")
+        if self.link_checkout:
+            link_pack(self.base_dir / "custom_nodes")
         cmd = [
-            sys.executable, "main.py", "--cpu", "--use-pytorch-cross-attention",
+            self.python, "main.py", "--cpu", "--use-pytorch-cross-attention",
             "--listen", "127.0.0.1", "--port", str(self.port),
             "--base-directory", str(self.base_dir), "--database-url", "sqlite:///:memory:",
             "--disable-auto-launch", "--disable-api-nodes", *self.extra_args,
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "DO_NOT_TRACK": "1"}
+        # Nothing from this process's import path: the server imports what its own Python has.
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        env.update(PYTHONUNBUFFERED="1", DO_NOT_TRACK="1")
         if self.threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
         self._log = open(self.log_path, "wb")

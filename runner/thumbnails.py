@@ -1,6 +1,6 @@
-"""The template browser's thumbnails, `workflows/<name>.jpg`, from what each workflow really makes.
+"""The template browser's thumbnails, `example_workflows/<name>.jpg`, from what each workflow really makes.
 
-ComfyUI's template browser shows workflows/<name>.jpg on the card of workflows/<name>.json. Each
+ComfyUI's template browser shows example_workflows/<name>.jpg on the card of example_workflows/<name>.json. Each
 shipped workflow runs on the toy model (`runner.workflows.for_toy_model`: the toy loader for the
 checkpoint, the painters as the toy's named entities, toy sizes), and its thumbnail shows the
 pictures it saved, enlarged; a workflow that saves no picture shows what its nodes reported.
@@ -51,7 +51,7 @@ def workflow_thumbnail(server: ComfyServer, path: Path, object_info: dict, lora_
 
 
 def render_thumbnails(server: ComfyServer, demo_out: Path, demo_result: dict | None = None) -> list[Path]:
-    """Write workflows/<name>.jpg for every shipped workflow; return the paths written. The
+    """Write example_workflows/<name>.jpg for every shipped workflow; return the paths written. The
     workflows run in name order, so one that saves an erasure or a LoRA runs before those that
     load it."""
     paths = shipped()

@@ -1,4 +1,4 @@
-"""The shipped workflows (`workflows/*.json`, the UI format ComfyUI's frontend saves), for the
+"""The shipped workflows (`example_workflows/*.json`, the UI format ComfyUI's frontend saves), for the
 demo, the thumbnails and the tests.
 
 The UI files are the only source: `to_api` turns one into the API format that `POST /prompt`
@@ -16,7 +16,7 @@ from pathlib import Path
 import toy
 from runner.host import REPO
 
-WORKFLOWS_DIR = REPO / "workflows"
+WORKFLOWS_DIR = REPO / "example_workflows"
 
 # Nodes that live only in the frontend: never sent to the server, absent from /object_info.
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
@@ -32,7 +32,7 @@ DEMO = WORKFLOWS_DIR / "ACE 0 - Demo on the toy model.json"
 
 
 def shipped() -> list[Path]:
-    """The workflows ComfyUI's template browser lists: the .json files directly in workflows/."""
+    """The workflows ComfyUI's template browser lists: the .json files directly in example_workflows/ (the folder name ComfyUI looks for first)."""
     return sorted(WORKFLOWS_DIR.glob("*.json"))
 
 

@@ -14,7 +14,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$repo/.venv"
 cache="$repo/.cache"
 python_bin="${PYTHON:-python3}"
-pack_name="comfyui-ace"
+pack_name="ace-concept-erasure"  # the registry name: the folder a Manager install uses
 mkdir -p "$cache"
 
 say() { printf '[setup] %s\n' "$*"; }
@@ -91,6 +91,12 @@ fi
 # --- link the pack into ComfyUI ----------------------------------------------------------------
 link="$comfy/custom_nodes/$pack_name"
 mkdir -p "$comfy/custom_nodes"
+# Earlier set-ups linked this checkout as custom_nodes/comfyui-ace; two links would load the pack twice.
+old_link="$comfy/custom_nodes/comfyui-ace"
+if [ -L "$old_link" ] && [ "$(readlink -f "$old_link")" = "$repo" ]; then
+  rm "$old_link"
+  say "removed the old link $old_link"
+fi
 if [ "$(readlink -f "$link" 2>/dev/null)" != "$repo" ]; then
   [ -e "$link" ] && [ ! -L "$link" ] && die "$link exists and is not a link to this checkout; move it away first."
   ln -sfn "$repo" "$link"

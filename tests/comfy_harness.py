@@ -12,6 +12,7 @@ importing `nodes` from this repository (ComfyUI's own `nodes` module owns that n
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import shutil
@@ -191,12 +192,20 @@ def tiny_sd1_without_cross_attention(seed: int = 4):
 
 def tiny_flux_model(seed: int = 5):
     """A Flux-family MODEL (joint attention, no attn2 cross-attention) built in memory."""
-    return _in_memory("Flux", {
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    config = {
         "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
         "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
         "depth_single_blocks": 1, "axes_dim": [4, 14, 14], "theta": 10000, "patch_size": 2,
         "qkv_bias": True, "guidance_embed": True,
-    }, seed)
+    }
+    # Newer ComfyUI asks which text-id axes a Flux model uses; Flux.1's detected config has none.
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        config["txt_ids_dims"] = []
+    return _in_memory("Flux", config, seed)
 
 
 # --- running graphs in-process -------------------------------------------------------------------
@@ -269,8 +278,9 @@ def run_graph(prompt: dict, fresh_cache: bool = False) -> GraphResult:
 
     host.host()  # ComfyUI must be running: use the `comfy` fixture
     if _EXECUTOR is None or fresh_cache:
+        # Every cache setting main.py passes; newer ComfyUI reads "ram_inactive" too.
         _EXECUTOR = execution.PromptExecutor(
-            _HeadlessServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
+            _HeadlessServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0}
         )
     prompt_id = str(uuid.uuid4())
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
@@ -292,6 +302,8 @@ def run_graph(prompt: dict, fresh_cache: bool = False) -> GraphResult:
     results = {}
     for node_id in prompt:
         entry = _EXECUTOR.caches.outputs.get(node_id)
+        if inspect.isawaitable(entry):  # newer ComfyUI's caches are async
+            entry = asyncio.run(entry)
         if entry is not None:
             results[node_id] = tuple(v[0] if isinstance(v, list) and len(v) == 1 else v for v in entry.outputs)
     return GraphResult(results, dict(_EXECUTOR.history_result["outputs"]), list(_EXECUTOR.status_messages))

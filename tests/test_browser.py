@@ -92,11 +92,22 @@ def object_info(comfy_server) -> dict:
 
 
 LOAD = """async (workflow) => {
-    // Record what the frontend would warn about instead of opening its dialogs.
+    // Record what the frontend would warn about instead of opening its dialogs. Newer frontends
+    // (1.4x) have no missing-models dialog: they list missing models in a store for a side panel.
     const warned = {nodes: [], models: []};
+    const dialog = typeof Object.getPrototypeOf(app).showMissingModelsError === 'function';  // not our own stand-in
+    const pinia = document.querySelector('#vue-app')?.__vue_app__?.config?.globalProperties?.$pinia;
+    pinia?._s.get('missingModel')?.clearMissingModels?.();  // nothing left from the previous graph
     app.showMissingNodesError = (types) => warned.nodes.push(...types.map(t => t.type ?? t));
     app.showMissingModelsError = (models) => warned.models.push(...models.map(m => m.name));
     await app.loadGraphData(workflow);
+    if (!dialog) {  // the store is made on first use and filled while the frontend checks the model folders
+        let store;
+        for (let waited = 0; waited < 10000 && !(store = pinia?._s.get('missingModel'))?.missingModelCandidates?.length; waited += 100) {
+            await new Promise(resolve => setTimeout(resolve, 100));
+        }
+        warned.models.push(...(store?.missingModelCandidates ?? []).filter(m => m.isMissing && m.url).map(m => m.name));
+    }
     await app.extensionManager.command.execute('Comfy.Canvas.FitView');
     app.canvas.setDirty(true, true);
     const registered = window.LiteGraph.registered_node_types;

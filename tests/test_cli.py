@@ -125,6 +125,25 @@ def test_erase_the_toy_model_from_a_concept_file(tmp_path):
     assert report["summary"]["erase"]["image_change"] > 5 * report["summary"]["keep"]["image_change"]
 
 
+def test_erase_the_toy_model_from_a_preset_plus_typed_concepts(tmp_path):
+    prompts = {"erase": ["a picture of Brontel", "a red disc"], "keep": ["a yellow hourglass", "a blue square"]}
+    eval_dir = tmp_path / "eval"
+    run = succeeded(ace(
+        "erase", "--toy", "--preset", "toy-entities-demo", "--concepts", "circle: disc", "--steps", 0, "--threads", 1,
+        "--erasure", tmp_path / "no_entities.safetensors",
+        "--eval", write_prompts(tmp_path / "prompts.json", **prompts), "--eval-dir", eval_dir, "--sample-steps", 4,
+    ))
+    erasure = load_erasure(str(tmp_path / "no_entities.safetensors"))
+    assert [(c.target, c.synonyms) for c in erasure.request.concepts] == [
+        ("Vexmoor", ()), ("Quillane", ()), ("Brontel", ()), ("Zarnika", ()), ("circle", ("disc",))]
+    # The preset's preserve list, less 'a red circle', which names the typed concept.
+    assert erasure.request.preserve == ("a yellow hourglass", "a blue square", "a green triangle")
+    report = check_eval(eval_dir, run.stdout, prompts)
+    erase = [r["gate_max"] for r in report["prompts"] if r["group"] == "erase"]
+    keep = [r["gate_max"] for r in report["prompts"] if r["group"] == "keep"]
+    assert min(erase) > 0.9 and max(keep) < 0.1
+
+
 # --- errors: one clear line, non-zero exit ---------------------------------------------------------
 
 @pytest.fixture
@@ -166,6 +185,7 @@ def test_an_existing_output_is_not_overwritten_without_overwrite(some_file, tmp_
 def test_other_wrong_arguments_fail_before_loading_anything(some_file, tmp_path):
     out = tmp_path / "o.safetensors"
     failed_with(ace("erase", some_file, "--concepts", "Monet"), "nothing to write")
+    failed_with(ace("erase", some_file, "--erasure", out), "nothing to erase: give --preset, --concepts or --concepts-file")
     failed_with(ace("erase", some_file, "--concepts", "Monet", "--erasure", some_file, "--overwrite"),
                 "same file as the checkpoint")
     failed_with(ace("erase", some_file, "--concepts", "Monet", "--erasure", tmp_path / "o.pt"), "must end in .safetensors")

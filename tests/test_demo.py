@@ -42,7 +42,7 @@ def object_info(comfy_server) -> dict:
 
 @pytest.mark.slow
 def test_for_toy_model_swaps_the_checkpoint_and_painters_for_the_toy(object_info):
-    prompt = for_toy_model(to_api(load(REPO / "workflows" / "ACE 2 - Erase several concepts.json"), object_info))
+    prompt = for_toy_model(to_api(load(REPO / "example_workflows" / "ACE 2 - Erase several concepts.json"), object_info))
     kinds = {node["class_type"] for node in prompt.values()}
     assert "CheckpointLoaderSimple" not in kinds and "ACEErasure_LoadToyModel" in kinds
     erase = next(n["inputs"] for n in prompt.values() if n["class_type"] == "ACEErasure_EraseConcept")

@@ -3,9 +3,19 @@ from __future__ import annotations
 
 import pytest
 
-from comfy_harness import GraphError, in_memory_model_node, pack, run_graph
+from comfy_harness import PACK_NAME, GraphError, in_memory_model_node, pack, run_graph
 
 SUPPORTED_NAMES = ("Stable Diffusion 1.x", "Stable Diffusion 2.x", "Stable Diffusion XL")
+# The node menu's groups (Add Node > ACE > ...): the everyday nodes apart from the stages, the
+# files, the inspectors and the demo.
+CATEGORIES = {
+    "ACEErasure_EraseConcept": "ACE/erase", "ACEErasure_Apply": "ACE/erase",
+    "ACEErasure_ConceptList": "ACE/stages", "ACEErasure_ClosedForm": "ACE/stages", "ACEErasure_FineTune": "ACE/stages",
+    "ACEErasure_Save": "ACE/files", "ACEErasure_Load": "ACE/files", "ACEErasure_ExportLoRA": "ACE/files",
+    "ACEErasure_Bake": "ACE/files",
+    "ACEErasure_ModelInfo": "ACE/inspect", "ACEErasure_InspectPrompt": "ACE/inspect",
+    "ACEErasure_LoadToyModel": "ACE/demo",
+}
 TINY_SD15_REPORT = "sd1: 4 cross-attention layers (8 key/value projections), context 768, inner widths 320"
 
 
@@ -23,20 +33,15 @@ def checkpoint_node(name: str) -> dict:
 def test_pack_registers_its_nodes_with_comfyui(comfy):
     import nodes
 
-    assert sorted(comfy.node_ids) == sorted([
-        "ACEErasure_EraseConcept", "ACEErasure_ConceptList", "ACEErasure_ClosedForm", "ACEErasure_FineTune",
-        "ACEErasure_Apply", "ACEErasure_Save", "ACEErasure_Load", "ACEErasure_ExportLoRA", "ACEErasure_ModelInfo",
-        "ACEErasure_LoadToyModel", "ACEErasure_Bake",
-    ])
-    for node_id in comfy.node_ids:  # every node: category ACE, a description, tooltips everywhere
+    assert sorted(comfy.node_ids) == sorted(CATEGORIES)
+    for node_id in comfy.node_ids:  # every node: its ACE/... group, a description, tooltips everywhere
         schema = nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA()
-        assert schema.category == "ACE" and schema.description, node_id
+        assert schema.category == CATEGORIES[node_id] and schema.description, node_id
         assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs), node_id
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["ACEErasure_EraseConcept"] == "ACE Erase Concept"
     node = nodes.NODE_CLASS_MAPPINGS["ACEErasure_ModelInfo"]
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["ACEErasure_ModelInfo"] == "ACE Model Info"
     schema = node.GET_SCHEMA()
-    assert schema.category == "ACE"
     assert schema.description
     assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
     # What the frontend receives from /object_info.
@@ -139,8 +144,8 @@ def test_model_without_cross_attention_fails_in_the_executor_with_a_clear_error(
 @pytest.mark.slow
 def test_model_info_over_http_on_the_real_server(comfy_server, tiny_sd15_checkpoint):
     object_info = comfy_server.get("/object_info/ACEErasure_ModelInfo")["ACEErasure_ModelInfo"]
-    assert object_info["display_name"] == "ACE Model Info" and object_info["category"] == "ACE"
-    assert object_info["python_module"] == "custom_nodes.comfyui-ace"
+    assert object_info["display_name"] == "ACE Model Info" and object_info["category"] == "ACE/inspect"
+    assert object_info["python_module"] == f"custom_nodes.{PACK_NAME}"
 
     entry = comfy_server.run(model_info_graph(checkpoint_node(tiny_sd15_checkpoint.name)))
     assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
