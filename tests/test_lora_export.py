@@ -101,7 +101,7 @@ def test_metadata_names_the_base_model_and_comfyui_loads_every_key(request, tmp_
     after = comfy_models.projection_weights(lora_model, projections)
     for p in projections:
         up, down = lora_pair(lora, files.lora_key(erasure, p.name))
-        assert torch.allclose(after[p.name].float() - before[p.name].float(), up @ down, atol=1e-5)
+        assert torch.allclose((after[p.name].float() - before[p.name].float()).cpu(), up @ down, atol=1e-5)
 
 
 def test_export_node_compresses_to_the_asked_rank_and_reports_the_error(tiny_sd15_name, comfy):

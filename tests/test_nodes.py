@@ -139,7 +139,8 @@ def test_save_load_apply_and_lora_export(tiny_sd15_name, tiny_sd15, comfy):
     outs = []
     for m in (lora_model, gated_model, model):
         comfy.model_management.load_models_gpu([m])
-        outs.append(m.model.apply_model(x, sigma, c_crossattn=context))
+        outs.append(m.model.apply_model(x.to(m.load_device), sigma.to(m.load_device),
+                                        c_crossattn=context.to(m.load_device)).cpu())
     assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(outs[0], outs[2], atol=1e-4)
 
