@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         report = measure_one(*args.one, args.precision, args.steps, args.small, args.device)
         print(json.dumps(report))
         return
-    report = {"machine": host.machine(), "command": "benchmark.memory", "small": args.small, "runs": []}
+    report = {"machine": host.machine(), "small": args.small, "runs": [],
+              "command": " ".join(["python -m benchmark.memory", *(argv if argv is not None else sys.argv[1:])])}
     for family in args.family:
         for checkpointing in args.checkpointing:
             run = run_configuration(args, family, checkpointing)

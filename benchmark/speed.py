@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass
 
@@ -224,8 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     pack = host.start(device=args.device)
     device = host.host().device
-    report = {"machine": host.machine(), "device": device, "small": args.small, "command": "benchmark.speed",
-              "families": {}}
+    report = {"machine": host.machine(), "device": device, "small": args.small, "families": {},
+              "command": " ".join(["python -m benchmark.speed", *(argv if argv is not None else sys.argv[1:])])}
     for name in args.family:
         shape = SHAPES[name, args.small]
         report["families"][name] = measure(pack, shape, device, args.concepts, args.steps, args.solve,
