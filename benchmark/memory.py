@@ -4,11 +4,12 @@ checkpointing, at their native resolutions (SD1.5 512 px, SDXL 1024 px).
     .venv/bin/python -m benchmark.memory [--device cuda] [--family sd15 sdxl] [--checkpointing off on]
                                          [--precision auto] [--steps 2] [--small] [--out FILE]
 
-Each configuration runs in a process of its own, so that one peak cannot hide in another's and
-one that runs out of memory does not end the others. In it: the random model (the shapes of
-`benchmark.speed`, weights in the dtype ComfyUI loads them in: fp16 on a GPU, fp32 on the CPU),
-stages 0-1 for one concept, then every model unloaded and stage 2 (`ace.erasure.fine_tune`: the
-concept's examples, then `--steps` steps at the default batch) measured alone. The text encoder's
+Each model shape runs in a process of its own (on the CPU, each configuration: a process's
+resident memory does not come back down), so that one that runs out of memory does not end the
+others. In it: the random model (the shapes of `benchmark.speed`, weights in the dtype ComfyUI
+loads them in: fp16 on a GPU, fp32 on the CPU), stages 0-1 for one concept, then, per setting,
+every model unloaded and stage 2 (`ace.erasure.fine_tune`: the concept's examples, then
+`--steps` steps at the default batch) measured alone. The text encoder's
 embeddings are kept from stage 0, so the CLIP stays unloaded during stage 2, as ComfyUI offloads
 it when memory is short. Measured:
 
@@ -94,8 +95,9 @@ def resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure_one(family: str, checkpointing: str, precision: str, steps: int, small: bool, device: str) -> dict:
-    """Stage 2's peak memory for one configuration, in this process (see the module's docstring)."""
+def measure(family: str, checkpointing: list[str], precision: str, steps: int, small: bool, device: str) -> list[dict]:
+    """Stage 2's peak memory for one model shape and each checkpointing setting, in this process
+    (see the module's docstring): the model and stages 0-1 once, then stage 2 once per setting."""
     pack = host.start(device=device)
     device = host.host().device
     import comfy.model_management
@@ -103,51 +105,55 @@ def measure_one(family: str, checkpointing: str, precision: str, steps: int, sma
     ace, comfy_models = pack.ace, pack.nodes.comfy_models
     shape = speed.SHAPES[family, small]
     model, clip = speed.random_model(shape, device)
-    compute = comfy_models.training_compute(model, precision, checkpointing)
-    network = comfy_models.network_of(model, clip, resolution=shape.resolution, compute=compute)
-    network = dataclasses.replace(network, encoder=CachedEncoder(network.encoder),
-                                  sample_sigmas=network.sample_sigmas[-3:])  # two sampling steps for the examples
-    request = speed.concepts(ace, 1)
-    closed = ace.erasure.erase(network, request, training=ace.finetune.FinetuneConfig(steps=0))
-    training = ace.finetune.FinetuneConfig(steps=steps)
+    encoder = CachedEncoder(comfy_models.text_encoder(model, clip))
     weights = sum(p.numel() * p.element_size() for p in comfy_models.unet_of(model).parameters())
-    report = {"family": family, "resolution": shape.resolution, "small": small, "device": device,
-              "weight_dtype": str(speed.weight_dtype(device)).removeprefix("torch."),
-              "precision": compute.precision, "checkpointing": compute.checkpointing,
-              "batch": training.batch_size, "steps": steps, "unet_weights_gb": weights / GB}
-
-    comfy.model_management.unload_all_models()
-    gc.collect()
-    started = time.perf_counter()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        tuned = ace.erasure.fine_tune(closed, network, training)
-        report |= {"start_gb": start / GB, "peak_gb": torch.cuda.max_memory_allocated() / GB,
-                   "reserved_gb": torch.cuda.max_memory_reserved() / GB}
-    else:
-        with ResidentPeak() as resident:
+    training = ace.finetune.FinetuneConfig(steps=steps)
+    closed = None
+    reports = []
+    for setting in checkpointing:
+        compute = comfy_models.training_compute(model, precision, setting)
+        network = comfy_models.model_network(model, encoder, resolution=shape.resolution, compute=compute)
+        network = dataclasses.replace(network, sample_sigmas=network.sample_sigmas[-3:])  # two sampling steps
+        if closed is None:
+            closed = ace.erasure.erase(network, speed.concepts(ace, 1), training=ace.finetune.FinetuneConfig(steps=0))
+        report = {"family": family, "resolution": shape.resolution, "small": small, "device": device,
+                  "weight_dtype": str(speed.weight_dtype(device)).removeprefix("torch."),
+                  "precision": compute.precision, "checkpointing": compute.checkpointing,
+                  "batch": training.batch_size, "steps": steps, "unet_weights_gb": weights / GB}
+        comfy.model_management.unload_all_models()
+        gc.collect()
+        started = time.perf_counter()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
             tuned = ace.erasure.fine_tune(closed, network, training)
-        report |= {"start_gb": resident.start / GB, "process_peak_gb": resident.peak / GB,
-                   "peak_gb": (weights + resident.peak - resident.start) / GB}
-    report["seconds"] = time.perf_counter() - started
-    report["final_losses"] = tuned.info["history"][-1]
-    return report
+            report |= {"start_gb": start / GB, "peak_gb": torch.cuda.max_memory_allocated() / GB,
+                       "reserved_gb": torch.cuda.max_memory_reserved() / GB}
+        else:
+            with ResidentPeak() as resident:
+                tuned = ace.erasure.fine_tune(closed, network, training)
+            report |= {"start_gb": resident.start / GB, "process_peak_gb": resident.peak / GB,
+                       "peak_gb": (weights + resident.peak - resident.start) / GB}
+        report["seconds"] = time.perf_counter() - started
+        report["final_losses"] = tuned.info["history"][-1]
+        reports.append(report)
+    return reports
 
 
-def run_configuration(args, family: str, checkpointing: str) -> dict:
-    """`measure_one` in a process of its own; its report, or what went wrong."""
-    command = [sys.executable, "-m", "benchmark.memory", "--one", family, checkpointing, "--device", args.device,
+def run_child(args, family: str, checkpointing: list[str]) -> list[dict]:
+    """`measure` in a process of its own; its reports, or what went wrong."""
+    command = [sys.executable, "-m", "benchmark.memory", "--one", family, *checkpointing, "--device", args.device,
                "--precision", args.precision, "--steps", str(args.steps)] + (["--small"] if args.small else [])
+    failed = [{"family": family, "checkpointing": setting == "on"} for setting in checkpointing]
     try:
         run = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return {"family": family, "checkpointing": checkpointing == "on", "error": f"timed out after {args.timeout} s"}
+        return [f | {"error": f"timed out after {args.timeout:g} s"} for f in failed]
     lines = run.stdout.strip().splitlines()
     if run.returncode != 0 or not lines:
         tail = (run.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"family": family, "checkpointing": checkpointing == "on", "error": f"exit {run.returncode}: {tail}"}
+        return [f | {"error": f"exit {run.returncode}: {tail}"} for f in failed]
     return json.loads(lines[-1])
 
 
@@ -160,22 +166,26 @@ def main(argv: list[str] | None = None) -> None:
                         help="stage 2's precision (default: the device's, as the nodes choose it)")
     parser.add_argument("--steps", type=int, default=2, help="stage-2 steps per configuration")
     parser.add_argument("--small", action="store_true", help="small layouts at 256 px (a CPU smoke run)")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per process")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
-    parser.add_argument("--one", nargs=2, metavar=("FAMILY", "CHECKPOINTING"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs="+", metavar="FAMILY CHECKPOINTING", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.one:  # a child: one configuration, its report as the last line
-        report = measure_one(*args.one, args.precision, args.steps, args.small, args.device)
-        print(json.dumps(report))
+    if args.one:  # a child: one shape, its reports as the last line
+        family, *checkpointing = args.one
+        print(json.dumps(measure(family, checkpointing, args.precision, args.steps, args.small, args.device)))
         return
     report = {"machine": host.machine(), "small": args.small, "runs": [],
               "command": " ".join(["python -m benchmark.memory", *(argv if argv is not None else sys.argv[1:])])}
-    for family in args.family:
-        for checkpointing in args.checkpointing:
-            run = run_configuration(args, family, checkpointing)
+    # CUDA's allocator restarts its peak on request, so one process per shape measures every
+    # setting; the resident memory of a CPU process does not come back down: one per setting.
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    jobs = [(f, args.checkpointing) for f in args.family] if cuda else \
+        [(f, [c]) for f in args.family for c in args.checkpointing]
+    for family, checkpointing in jobs:
+        for run in run_child(args, family, checkpointing):
             report["runs"].append(run)
             figure = f"peak {run['peak_gb']:.2f} GB" if "peak_gb" in run else run["error"]
-            print(f"{family}, checkpointing {checkpointing}: {figure}", flush=True)
+            print(f"{family}, checkpointing {'on' if run['checkpointing'] else 'off'}: {figure}", flush=True)
     print(json.dumps(report, indent=2))
     if args.out:
         with open(args.out, "w") as f:

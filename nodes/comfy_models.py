@@ -197,10 +197,11 @@ def training_sigmas(model_patcher, sample_steps: int = 8) -> tuple[torch.Tensor,
 
 
 def default_compute(model_patcher) -> TrainingCompute:
-    """Stage 2's safe defaults where the MODEL runs. On the CPU: fp32 and no checkpointing (CPUs
-    have the memory, and bf16 matrix products are slow on most of them). On a CUDA GPU: bf16
+    """Stage 2's safe defaults where the MODEL runs. On the CPU (and any device but CUDA): fp32 and
+    no checkpointing, the plain path that every device runs. On a CUDA GPU: bf16
     autocast where the GPU has it (Ampere and later), else fp16, and gradient checkpointing for
-    SDXL, whose stage 2 at 1024 px would not fit a 12 GB card otherwise."""
+    SDXL, the largest UNet at the largest resolution (what each setting needs is measured by
+    `benchmark/memory.py`)."""
     if model_patcher.load_device.type != "cuda":
         return TrainingCompute()
     precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -169,7 +169,7 @@ class AdversarialFineTune(io.ComfyNode):
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Image size of the training examples (512 for SD1.5, 1024 for SDXL)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip="Seed of the noise and attacks; the same seed gives the same result."),
                 io.Combo.Input("precision", options=list(PRECISION_CHOICES), default="auto", optional=True, tooltip="The network's precision while training: auto = bf16 autocast on a GPU that has it (fp16 on older GPUs), fp32 on the CPU; fp32 = the dtype the model was loaded in, no autocast. Half precision halves the memory of the activations."),
-                io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING_CHOICES), default="auto", optional=True, tooltip="Recompute the UNet's activations in the backward pass instead of keeping them: far less memory, about a third more time per step. auto = on for SDXL on a GPU, off otherwise."),
+                io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING_CHOICES), default="auto", optional=True, tooltip="Recompute the UNet's activations in the backward pass instead of keeping them: far less memory, for one more forward pass of each block per backward pass. auto = on for SDXL on a GPU, off otherwise."),
             ],
             outputs=[
                 Erasure_.Output(display_name="ERASURE", tooltip="The fine-tuned erasure."),

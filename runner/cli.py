@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the network's precision in stage 2: bf16/fp16 autocast, or fp32 = the dtype the model "
                           "loads in (default auto: bf16 on a GPU that has it, else fp16; fp32 on the CPU)")
     how.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto",
-                     help="gradient checkpointing in stage 2: far less memory, about a third more time per step "
+                     help="gradient checkpointing in stage 2: far less memory, one more forward pass of each block "
+                          "per backward pass "
                           "(default auto: on for SDXL on a GPU, off otherwise)")
     how.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
 

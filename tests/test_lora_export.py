@@ -132,8 +132,13 @@ def diffusers_unet_of(model):
     import comfy.utils
     from diffusers import UNet2DConditionModel
 
+    import comfy.model_management
+
     config = model.model.model_config.unet_config
     assert config["channel_mult"] == [1] and config["context_dim"] == 768
+    # ComfyUI patches the weights its clones share in place for the clone it loaded last (a LoRA
+    # of another test): load this MODEL so that they are its own
+    comfy.model_management.load_models_gpu([model])
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D",),
         up_block_types=("CrossAttnUpBlock2D",), block_out_channels=(320,), layers_per_block=1,
