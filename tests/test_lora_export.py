@@ -177,10 +177,13 @@ def test_diffusers_loads_the_lora_and_reproduces_the_open_gate_output(tiny_sd15,
     unet = diffusers_unet_of(model)
     with torch.no_grad():
         base = unet(x, t, encoder_hidden_states=context).sample
-    assert torch.allclose(base, comfy_output(model), atol=1e-4)  # the same network in both
+    # the same network in both: they agree to `noise` (1e-6 on the CPU; more where ComfyUI runs on
+    # a GPU, whose convolutions use TF32), which is what "reproduces" allows below
+    noise = (base - comfy_output(model)).abs().max().item()
+    assert noise < 1e-4 if model.load_device.type == "cpu" else noise < 1e-2
 
     target = comfy_output(comfy_models.with_erasure(model, opened, 1.0))
-    assert (target - base).abs().max() > 1e-3  # the erasure changes this prompt's prediction
+    assert (target - base).abs().max() > 100 * noise  # the erasure changes this prompt's prediction
     for rank, name in ((None, "exact"), (6, "compressed")):
         path = tmp_path / f"{name}.safetensors"
         lora = ace.files.export_lora(erasure, str(path), rank=rank)
@@ -190,12 +193,12 @@ def test_diffusers_loads_the_lora_and_reproduces_the_open_gate_output(tiny_sd15,
         with torch.no_grad():
             edited = unet(x, t, encoder_hidden_states=context).sample
         if rank is None:
-            assert torch.allclose(edited, target, atol=1e-4)
+            assert (edited - target).abs().max() <= 2 * noise + 1e-5
         else:  # as far from the open gate as the reported error allows, and as ComfyUI loads it
             import comfy.sd
 
             lora_model, _ = comfy.sd.load_lora_for_models(model, None, lora.tensors, 1.0, 0.0)
-            assert torch.allclose(edited, comfy_output(lora_model), atol=1e-4)
+            assert (edited - comfy_output(lora_model)).abs().max() <= 2 * noise + 1e-5
             assert (edited - target).norm() <= 2 * lora.max_error * (target - base).norm() + 1e-4
 
 

@@ -60,7 +60,7 @@ def test_sd2_openclip_end_token_and_zero_padding_are_collected_and_paired(sd2_mo
     # the collected embeddings are what CLIP Text Encode gives the UNet for these prompts
     for t, prompt in enumerate(tokens.prompts):
         cond = sd2_clip.encode_from_tokens(sd2_clip.tokenize(prompt))
-        assert torch.allclose(tokens.concept_context[t], cond[0].float().cpu(), atol=1e-5)
+        assert torch.allclose(tokens.concept_context[t], cond[0].float().cpu(), rtol=1e-4, atol=1e-4)
     assert tokens.concept_context.shape[1:] == (77, 1024)
     context, pooled = encoder.encode_pooled(["a photo of a dog"])
     assert pooled is None and context.shape == (1, 77, 1024)  # SD2 takes no pooled text
@@ -83,15 +83,15 @@ def test_sdxl_both_towers_are_collected_at_the_same_positions(sdxl_model, sdxl_c
         l_out, _ = towers.clip_l.encode_token_weights(window["l"])
         g_out, g_pooled = towers.clip_g.encode_token_weights(window["g"])
         row = tokens.concept_context[t]
-        assert torch.allclose(row[:, :768], l_out[0].float().cpu(), atol=1e-5)
-        assert torch.allclose(row[:, 768:], g_out[0].float().cpu(), atol=1e-5)
+        assert torch.allclose(row[:, :768], l_out[0].float().cpu(), rtol=1e-4, atol=1e-4)
+        assert torch.allclose(row[:, 768:], g_out[0].float().cpu(), rtol=1e-4, atol=1e-4)
         # the pooled text next to it: CLIP-G's projected pooled output, as CLIP Text Encode gives it
         context, pooled = encoder.encode_pooled([prompt])
         [[cond, extras]] = sdxl_clip.encode_from_tokens_scheduled(sdxl_clip.tokenize(prompt))
         assert pooled.shape == (1, 1280)
-        assert torch.allclose(pooled.cpu(), g_pooled.float().cpu(), atol=1e-5)
-        assert torch.allclose(pooled.cpu(), extras["pooled_output"].float().cpu(), atol=1e-5)
-        assert torch.allclose(context.cpu(), cond.float().cpu(), atol=1e-5)
+        assert torch.allclose(pooled.cpu(), g_pooled.float().cpu(), rtol=1e-4, atol=1e-4)
+        assert torch.allclose(pooled.cpu(), extras["pooled_output"].float().cpu(), rtol=1e-4, atol=1e-4)
+        assert torch.allclose(context.cpu(), cond.float().cpu(), rtol=1e-4, atol=1e-4)
     # every prompt gets its own pooled vector (ComfyUI's batch call would return the first one's)
     _, pooled = encoder.encode_pooled(tokens.prompts[:2])
     assert not torch.allclose(pooled[0], pooled[1])

@@ -58,7 +58,7 @@ def test_sdxl_stage2_feeds_the_unet_the_pooled_text_and_size_conditioning_of_sam
         hook.remove()
     # the same y reaches the UNet as in sampling (pooled text, then size embeddings of 96x64 px)
     assert torch.allclose(received[0], conditioning["y"].to(received[0]), atol=1e-6)
-    assert torch.allclose(ours, sampled.float(), atol=1e-5)
+    assert torch.allclose(ours, sampled.float(), rtol=1e-4, atol=1e-5)
     y_pooled, y_sizes = received[0][:, :1280], received[0][:, 1280:]
     assert torch.allclose(y_pooled.cpu(), pooled[:1], atol=1e-6)
     # the conditioning matters: another prompt's pooled text, or none, gives another prediction
@@ -125,8 +125,8 @@ def test_sd2_v_prediction_goes_through_comfyui_model_sampling(sd2_clip, how):
     v_x0 = x * s_data ** 2 / (s ** 2 + s_data ** 2) - outputs["v_raw"] * s * s_data / (s ** 2 + s_data ** 2) ** 0.5
     eps_x0 = x - outputs["eps_raw"] * s
     assert torch.allclose(outputs["v_raw"], outputs["eps_raw"])  # the same UNet weights
-    assert torch.allclose(outputs["v"], v_x0, atol=1e-5)
-    assert torch.allclose(outputs["eps"], eps_x0, atol=1e-5)
+    assert torch.allclose(outputs["v"], v_x0, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(outputs["eps"], eps_x0, rtol=1e-4, atol=1e-5)
     assert (outputs["v"] - outputs["eps"]).abs().mean() > 0.1
     # and stage 2 trains at the v-prediction model's own noise levels
     sampling = v_model.get_model_object("model_sampling")
