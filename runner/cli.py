@@ -250,7 +250,7 @@ def check_args(args) -> Plan:
     concepts = _concept_text(args)
     for option, value, low, high in (("--steps", args.steps, 0, 100_000), ("--rank", args.rank, 1, 256),
                                      ("--seed", args.seed, 0, MAX_SEED), ("--threads", args.threads, 1, 1024),
-                                     ("--sample-steps", args.sample_steps, 1, 10_000), ("--lora-rank", args.lora_rank, 1, 4096)):
+                                     ("--sample-steps", args.sample_steps, 1, 10_000), ("--lora-rank", args.lora_rank, 1, 1024)):
         if value is not None and not low <= value <= high:
             raise CommandError(f"{option} must be from {low} to {high}, got {value}")
     if args.resolution is not None and not (8 <= args.resolution <= 16384 and args.resolution % 8 == 0):

@@ -171,7 +171,7 @@ def test_other_wrong_arguments_fail_before_loading_anything(some_file, tmp_path)
     failed_with(ace("erase", some_file, "--concepts", "Monet", "--erasure", out, "--lora-rank", 4),
                 "--lora-rank sets the rank of the LoRA: give --lora")
     failed_with(ace("erase", some_file, "--concepts", "Monet", "--lora", out, "--lora-rank", 0),
-                "--lora-rank must be from 1 to 4096")
+                "--lora-rank must be from 1 to 1024")
     failed_with(ace("erase", some_file, "--concepts", "Monet", "--erasure", some_file, "--overwrite"),
                 "same file as the checkpoint")
     failed_with(ace("erase", some_file, "--concepts", "Monet", "--erasure", tmp_path / "o.pt"), "must end in .safetensors")
