@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError
@@ -161,28 +162,127 @@ def diffusers_name(ldm_name: str, num_res_blocks: int) -> str:
     raise ValueError(f"no diffusers name for UNet layer '{ldm_name}'")
 
 
-def lora_state_dict(erasure: Erasure, strength: float = 1.0) -> dict[str, torch.Tensor]:
-    """The portable LoRA: B A with every gate open, in the kohya key layout that ComfyUI's
-    LoraLoader, A1111 and diffusers load (diffusers module names for SD1.x/SD2.x, the original
-    LDM names for SDXL and the toy model, as their trainers write them)."""
+@dataclass
+class PortableLora:
+    """The portable LoRA of an erasure: its tensors (kohya keys), its rank, and how far it is from
+    the erasure with every gate open, per projection: ‖ΔW − up·down‖_F / ‖ΔW‖_F with
+    ΔW = strength · B A (0 where the LoRA is exact)."""
+
+    tensors: dict[str, torch.Tensor]
+    rank: int
+    errors: dict[str, float]
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors.values(), default=0.0)
+
+    @property
+    def mean_error(self) -> float:
+        return sum(self.errors.values()) / max(len(self.errors), 1)
+
+
+def lora_key(erasure: Erasure, name: str) -> str:
+    """The kohya key of a projection in the portable LoRA (`lora_unet_` + its module path with `_`)."""
+    # diffusers module names for SD1.x/SD2.x, the original LDM names for SDXL and the toy model,
+    # as their trainers write them (and as ComfyUI, A1111 and diffusers read them back)
+    module = diffusers_name(name, erasure.num_res_blocks) if erasure.family in ("sd1", "sd2") else name
+    return "lora_unet_" + module.replace(".", "_")
+
+
+def _compressed(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-`rank` factors of ΔW = up · down (Eckart–Young), and their relative error.
+
+    ΔW is never formed: with up = Q_u R_u and downᵀ = Q_d R_d (QR), ΔW = Q_u (R_u R_dᵀ) Q_dᵀ, so
+    the SVD of the small core R_u R_dᵀ (r square) is the SVD of ΔW. The singular values split
+    evenly between the two factors, as in stage 1. Zero-padded when ΔW has fewer directions."""
+    Q_u, R_u = torch.linalg.qr(up.double())
+    Q_d, R_d = torch.linalg.qr(down.double().T)
+    U, S, Vh = torch.linalg.svd(R_u @ R_d.T)
+    k = min(rank, len(S))
+    root = S[:k].sqrt()
+    new_up = torch.zeros(up.shape[0], rank, dtype=torch.float64)
+    new_down = torch.zeros(rank, down.shape[1], dtype=torch.float64)
+    new_up[:, :k] = (Q_u @ U[:, :k]) * root
+    new_down[:k] = root[:, None] * (Vh[:k] @ Q_d.T)
+    total = S.square().sum()
+    error = (S[k:].square().sum() / total).sqrt().item() if total > 0 else 0.0
+    return new_up.float(), new_down.float(), error
+
+
+def portable_lora(erasure: Erasure, strength: float = 1.0, rank: int | None = None) -> PortableLora:
+    """The erasure with every gate open as a standard LoRA.
+
+    Without `rank`, each projection's LoRA is the joint edit's pair (down = A, up = strength · B):
+    exact, of the edit's rank (the rank per concept times the concepts, at most the stage-1
+    cap). With `rank` R, it is compressed to rank R (the best rank-R approximation of B A per
+    projection, by SVD); `errors` says what that cost. A rank at or above the edit's is exact."""
     strength = check_strength(strength)
     a = erasure.adapter
-    out = {}
+    full = a.rank
+    if rank is not None and not (isinstance(rank, int) and rank >= 1):
+        raise ValueError(f"The LoRA rank must be a whole number of at least 1, got {rank!r}.")
+    rank = full if rank is None else min(rank, full)
+    tensors, errors = {}, {}
     for p, down, up in zip(a.projections, a.lora_down, a.lora_up):
-        module = diffusers_name(p.name, erasure.num_res_blocks) if erasure.family in ("sd1", "sd2") else p.name
-        key = "lora_unet_" + module.replace(".", "_")
+        key = lora_key(erasure, p.name)
         down = down.detach().float().cpu()  # [r, d]
         up = up.detach().float().cpu() * strength  # [o, r]
-        out[f"{key}.lora_down.weight"] = down.contiguous()
-        out[f"{key}.lora_up.weight"] = up.contiguous()
-        out[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: scale 1
-    return out
+        errors[p.name] = 0.0
+        if rank < full:
+            up, down, errors[p.name] = _compressed(up, down, rank)
+        tensors[f"{key}.lora_down.weight"] = down.contiguous()
+        tensors[f"{key}.lora_up.weight"] = up.contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank))  # alpha = rank: scale 1
+    return PortableLora(tensors, rank, errors)
 
 
-def export_lora(erasure: Erasure, path: str, strength: float = 1.0) -> None:
+def lora_state_dict(erasure: Erasure, strength: float = 1.0, rank: int | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of `portable_lora`: what ComfyUI's LoraLoader and diffusers load."""
+    return portable_lora(erasure, strength, rank).tensors
+
+
+# What LoRA tools read to tell which base model a LoRA is for, as trainers write it: kohya's
+# sd-scripts keys (`ss_*`, read by A1111/Forge and model sites) and Stability's model spec
+# (`modelspec.*`). SD2's architecture name also says its prediction type (512 = epsilon, 768-v).
+_SD_SCRIPTS_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base",
+                 ("sd2", "epsilon"): "stable-diffusion-v2-512", ("sd2", "v"): "stable-diffusion-v2-768-v",
+                 ("sd2", None): "stable-diffusion-v2"}
+_IMPLEMENTATION = {"sd1": "diffusers", "sd2": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
+
+
+def lora_metadata(erasure: Erasure, lora: PortableLora) -> dict[str, str]:
+    """The LoRA file's metadata: the base model family (and, where the erasure recorded it, the
+    prediction type: `info["prediction"]`, "epsilon" or "v"), its rank, and what it erases."""
     concepts = ", ".join(c.target for c in erasure.request.concepts)
-    save_file(
-        lora_state_dict(erasure, strength),
-        path,
-        metadata={"ss_network_module": "networks.lora", "ace_family": erasure.family, "ace_concepts": concepts},
-    )
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(lora.rank),
+        "ss_network_alpha": str(lora.rank),
+        "ace_family": erasure.family,
+        "ace_concepts": concepts,
+        "ace_lora_max_error": f"{lora.max_error:.6g}",
+    }
+    family, prediction = erasure.family, erasure.info.get("prediction")
+    if family in _SD_SCRIPTS_VERSION:
+        architecture = _ARCHITECTURE[(family, prediction if prediction in ("epsilon", "v") else None)
+                                     if family == "sd2" else family]
+        metadata |= {
+            "ss_base_model_version": _SD_SCRIPTS_VERSION[family],
+            "ss_v2": str(family == "sd2"),
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": f"{architecture}/lora",
+            "modelspec.implementation": _IMPLEMENTATION[family],
+            "modelspec.title": f"ACE erasure: {concepts}",
+            "modelspec.description": "Concepts erased with ACE (Attentional Concept Erasure), gate fixed open.",
+        }
+        if prediction in ("epsilon", "v"):
+            metadata["modelspec.prediction_type"] = prediction
+    return metadata
+
+
+def export_lora(erasure: Erasure, path: str, strength: float = 1.0, rank: int | None = None) -> PortableLora:
+    """Write `portable_lora(erasure, strength, rank)` with `lora_metadata` to `path`; return it."""
+    lora = portable_lora(erasure, strength, rank)
+    save_file(lora.tensors, path, metadata=lora_metadata(erasure, lora))
+    return lora

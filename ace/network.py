@@ -14,8 +14,33 @@ import torch
 from .families import Projection
 from .tokens import TextEncoder
 
-# D(x_t, σ, context) -> the network's estimate of the clean latent x_0.
+# D(x_t, σ, context) -> the network's estimate of the clean latent x_0. A host whose model also
+# takes pooled text (SDXL) accepts it as a fourth argument, D(x_t, σ, context, pooled), and builds
+# the model's extra conditioning from it as the model's own sampling does.
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainingCompute:
+    """How the host runs the network during stage 2, which sets its memory and speed.
+
+    `precision`: "fp32" runs the network in the dtype its weights were loaded in (no autocast);
+    "bf16" / "fp16" run it under autocast to that dtype (activations and saved tensors at half the
+    size; the adapter's own parameters stay float32). `checkpointing`: gradient checkpointing of
+    the network's blocks: their activations are recomputed in the backward pass instead of kept,
+    trading about one more forward pass per backward for far less memory.
+    """
+
+    precision: str = "fp32"
+    checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.checkpointing, bool):
+            raise ValueError(f"checkpointing must be True or False, got {self.checkpointing!r}")
 
 
 @dataclass
@@ -28,7 +53,8 @@ class Network:
     model's predictions come from the same network with the edit switched off. `sample_sigmas`
     (descending, ending at 0) draw the concept's examples; `train_sigmas` are the noise levels
     stage 2 trains at. `num_res_blocks` (residual blocks per UNet level) fixes the diffusers names
-    of the projections in an exported LoRA.
+    of the projections in an exported LoRA. `compute` is how `attach` runs the network (precision,
+    gradient checkpointing).
     """
 
     family: str
@@ -41,3 +67,4 @@ class Network:
     train_sigmas: torch.Tensor
     num_res_blocks: int
     device: torch.device = torch.device("cpu")
+    compute: TrainingCompute = TrainingCompute()

@@ -12,16 +12,21 @@ import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
+import comfy.ldm.modules.attention
+import comfy.ldm.modules.diffusionmodules.openaimodel
 import comfy.lora
+import comfy.model_base
 import comfy.model_management
+import comfy.model_sampling
 import comfy.samplers
 import torch
+import torch.utils.checkpoint
 
 from ..ace.adapter import PatchedForward, ProjectionEdit
 from ..ace.erasure import Erasure
 from ..ace.families import Projection, check_family, cross_attention_projections
 from ..ace.finetune import autograd_safe
-from ..ace.network import Network
+from ..ace.network import PRECISIONS, Network, TrainingCompute
 from ..ace.tokens import TextEncoder
 
 # ComfyUI's model config class (comfy/supported_models.py) -> ACE family. Matched by exact class
@@ -51,6 +56,19 @@ def family_of(model_patcher) -> str:
     return _FAMILY_OF_CONFIG.get(config_name, config_name)
 
 
+# ComfyUI's prediction types (comfy/model_sampling.py), most specific first: EDM is a kind of
+# V_PREDICTION there, and V_PREDICTION and X0 kinds of EPS.
+_PREDICTIONS = (("edm", comfy.model_sampling.EDM), ("v", comfy.model_sampling.V_PREDICTION),
+                ("x0", comfy.model_sampling.X0), ("epsilon", comfy.model_sampling.EPS))
+
+
+def prediction_type(model_patcher) -> str | None:
+    """What the MODEL's UNet predicts as its sampling sees it ("epsilon", "v", ...; a
+    ModelSamplingDiscrete node's choice included), or None for another kind of model sampling."""
+    sampling = model_patcher.get_model_object("model_sampling")
+    return next((name for name, kind in _PREDICTIONS if isinstance(sampling, kind)), None)
+
+
 def unet_of(model_patcher) -> torch.nn.Module:
     """The denoising network (`diffusion_model`) inside a ComfyUI MODEL."""
     return model_patcher.model.diffusion_model
@@ -64,10 +82,20 @@ def check_model(model_patcher, model_name: str = "this model") -> list[Projectio
 
 
 class ClipTextEncoder:
-    """ACE's `TextEncoder` over a ComfyUI CLIP: the token embeddings its model's UNet receives."""
+    """ACE's `TextEncoder` over a ComfyUI CLIP: the token embeddings its model's UNet receives, and
+    (`encode_pooled`) the pooled text embedding next to them for models that also take that
+    (SDXL), exactly as ComfyUI's CLIP Text Encode node computes both for a prompt.
 
-    def __init__(self, clip):
+    Whatever the CLIP (CLIP-L for SD1.x, OpenCLIP-H for SD2.x, CLIP-L and CLIP-G side by side for
+    SDXL), a prompt is one window of its tokenizer: the start token, the words, the end token, then
+    padding (the end token again for CLIP-L, token 0 for OpenCLIP-H and CLIP-G) up to 77 tokens.
+    Every tower of a CLIP uses the same vocabulary, so position p holds the same word in each, and
+    SDXL's two towers are joined along the width (CLIP-L's 768, then CLIP-G's 1280).
+    """
+
+    def __init__(self, clip, pooled: bool = False):
         self.clip = clip
+        self.pooled = pooled
         # The first word-level tokenizer inside ComfyUI's wrapper (clip_l for SD1/SDXL, clip_h for
         # SD2): its start/end tokens tell where a prompt's words are.
         self.tokenizer = next(
@@ -80,14 +108,18 @@ class ClipTextEncoder:
         ids = [t[0] for t in chunk][self.start_tokens :]
         return ids.index(self.tokenizer.end_token) if self.tokenizer.end_token in ids else len(ids)
 
+    def windows(self, prompt: str) -> dict[str, list]:
+        """The prompt's first window of tokens for every tower of the CLIP ({"l": [...], "g": [...]})."""
+        return {key: chunks[:1] for key, chunks in self.clip.tokenize(prompt).items()}
+
     def encode(self, prompts) -> torch.Tensor:
         # One prompt = one window of tokens. ComfyUI encodes the windows of a long prompt as one
         # batch and joins them along the sequence, so N prompts go in as N windows and come back
         # as N rows: one call instead of N.
         windows: dict[str, list] = {}
         for prompt in prompts:
-            for key, chunks in self.clip.tokenize(prompt).items():
-                windows.setdefault(key, []).append(chunks[0])
+            for key, chunks in self.windows(prompt).items():
+                windows.setdefault(key, []).extend(chunks)
         cond = self.clip.encode_from_tokens(windows)
         return cond.reshape(len(prompts), -1, cond.shape[-1])
 
@@ -198,6 +230,20 @@ class ClipTextEncoder:
         return cond.reshape(len(prompts), -1, cond.shape[-1])
 
 
+    def encode_pooled(self, prompts) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context `[n, L, d]`, pooled `[n, p]`), or (context, None) for a model that takes no
+        pooled text. One call per prompt: ComfyUI returns the pooled output of a batch's first
+        window only, the one a long prompt's conditioning keeps."""
+        if not self.pooled:
+            return self.encode(prompts), None
+        contexts, pooled = [], []
+        for prompt in prompts:
+            cond, pool = self.clip.encode_from_tokens(self.windows(prompt), return_pooled=True)
+            contexts.append(cond)
+            pooled.append(pool)
+        return torch.cat(contexts), torch.cat(pooled)
+
+
 @contextlib.contextmanager
 def differentiable_clip_layers() -> Iterator[None]:
     """ComfyUI's CLIP layers add their residuals in place (`x += ...`), over the tensor their layer
@@ -223,6 +269,12 @@ _WORD_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # per te
 _NEEDS_WHOLE_WINDOW: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def takes_pooled_text(model_patcher) -> bool:
+    """Whether the MODEL's extra conditioning is built from the pooled text (SDXL and its distilled
+    variants: SSD-1B, Vega, KOALA), as ComfyUI's SDXL model class computes it in `encode_adm`."""
+    return isinstance(model_patcher.model, comfy.model_base.SDXL)
+
+
 def clip_width(clip) -> int:
     """The width of the token embeddings a CLIP really feeds a UNet: encode an empty prompt and look."""
     return clip.encode_from_tokens(clip.tokenize("")).shape[-1]
@@ -236,7 +288,7 @@ def text_encoder(model_patcher, clip) -> ClipTextEncoder:
             f"This CLIP gives {width}-wide text embeddings but the model takes {context}: connect the "
             "CLIP loaded with this model (same checkpoint)."
         )
-    return ClipTextEncoder(clip)
+    return ClipTextEncoder(clip, pooled=takes_pooled_text(model_patcher))
 
 
 def projection_weights(model_patcher, projections: list[Projection]) -> dict[str, torch.Tensor]:
@@ -278,27 +330,66 @@ def training_sigmas(model_patcher, sample_steps: int = 8) -> tuple[torch.Tensor,
     return sample, sample[:-1]
 
 
-def network_of(model_patcher, clip, resolution: int | None = None) -> Network:
+def default_compute(model_patcher) -> TrainingCompute:
+    """Stage 2's safe defaults where the MODEL runs. On the CPU (and any device but CUDA): fp32 and
+    no checkpointing, the plain path that every device runs. On a CUDA GPU: bf16
+    autocast where the GPU has it (Ampere and later), else fp16, and gradient checkpointing for
+    SDXL, the largest UNet at the largest resolution (what each setting needs is measured by
+    `benchmark/memory.py`)."""
+    if model_patcher.load_device.type != "cuda":
+        return TrainingCompute()
+    precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return TrainingCompute(precision, checkpointing=family_of(model_patcher) == "sdxl")
+
+
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+CHECKPOINTING_CHOICES = ("auto", "on", "off")
+
+
+def training_compute(model_patcher, precision: str = "auto", checkpointing: str = "auto") -> TrainingCompute:
+    """A user's choice of stage 2's precision and gradient checkpointing ("auto": `default_compute`),
+    refused when the MODEL's device cannot run it."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
+    if checkpointing not in CHECKPOINTING_CHOICES:
+        raise ValueError(f"gradient checkpointing must be one of {', '.join(CHECKPOINTING_CHOICES)}, got {checkpointing!r}")
+    default = default_compute(model_patcher)
+    device = model_patcher.load_device
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("This GPU cannot compute in bf16: choose fp16 or fp32 for the fine-tuning.")
+    if precision in ("bf16", "fp16") and not torch.amp.autocast_mode.is_autocast_available(device.type):
+        raise ValueError(f"torch has no {precision} autocast on {device.type}: choose fp32 for the fine-tuning.")
+    return TrainingCompute(
+        default.precision if precision == "auto" else precision,
+        default.checkpointing if checkpointing == "auto" else checkpointing == "on",
+    )
+
+
+def network_of(model_patcher, clip, resolution: int | None = None, compute: TrainingCompute | None = None) -> Network:
     """The MODEL and its CLIP as the algorithm's `Network` (the MODEL itself is never changed)."""
-    return model_network(model_patcher, text_encoder(model_patcher, clip), resolution)
+    return model_network(model_patcher, text_encoder(model_patcher, clip), resolution, compute)
 
 
-def model_network(model_patcher, encoder: TextEncoder, resolution: int | None = None) -> Network:
-    """The MODEL as the algorithm's `Network`, with any `TextEncoder` of its context width."""
+def model_network(model_patcher, encoder: TextEncoder, resolution: int | None = None,
+                  compute: TrainingCompute | None = None) -> Network:
+    """The MODEL as the algorithm's `Network`, with any `TextEncoder` of its context width.
+    `compute` (default: `default_compute`) is how stage 2 runs the network."""
     projections = check_model(model_patcher)
     family = family_of(model_patcher)
     sample_sigmas, train_sigmas = training_sigmas(model_patcher)
+    compute = compute or default_compute(model_patcher)
     return Network(
         family=family,
         projections=projections,
         weights=projection_weights(model_patcher, projections),
         encoder=encoder,
-        attach=lambda edit: attached_for_training(model_patcher, edit),
+        attach=lambda edit: attached_for_training(model_patcher, edit, compute),
         latent_shape=latent_shape(model_patcher, resolution or DEFAULT_RESOLUTION.get(family, 512)),
         sample_sigmas=sample_sigmas,
         train_sigmas=train_sigmas,
         num_res_blocks=num_res_blocks(model_patcher),
         device=model_patcher.load_device,
+        compute=compute,
     )
 
 
@@ -430,17 +521,87 @@ def loaded_for_gradients(model_patcher) -> Iterator:
                 entry.model_finalizer.detach()
 
 
-@contextlib.contextmanager
-def attached_for_training(model_patcher, edit: ProjectionEdit) -> Iterator:
-    """Stage 2's network: a clone running `edit`, loaded once, as a denoiser D(x_t, σ, context).
-    The "original" predictions come from the same network with the edit switched off, so no
-    second copy of the UNet is ever made."""
-    with loaded_for_gradients(patched_clone(model_patcher, edit)) as base:
-        dtype = base.get_dtype()
-        adm = getattr(base, "adm_channels", 0)
+# The UNet blocks whose activations gradient checkpointing recomputes: every residual block and
+# every transformer (the layers that hold nearly all of the activations), as diffusers and
+# ComfyUI's own trainer choose them.
+CHECKPOINTED_BLOCKS = (comfy.ldm.modules.diffusionmodules.openaimodel.ResBlock,
+                       comfy.ldm.modules.attention.SpatialTransformer)
 
-        def denoise(x_t, sigma, context):
-            extra = {"y": torch.zeros(len(x_t), adm, device=x_t.device, dtype=x_t.dtype)} if adm else {}
-            return base.apply_model(x_t, sigma, c_crossattn=context.to(dtype), **extra).float()
+
+class CheckpointedForward:
+    """Replacement `forward` of one UNet block while stage 2 trains: with gradients on, the block
+    runs under `torch.utils.checkpoint`, which keeps only its inputs and recomputes the rest in the
+    backward pass. An object patch like ACE's own projection forwards, so it lives on a clone only
+    and comes off when ComfyUI unloads that clone."""
+
+    def __init__(self, module: torch.nn.Module, inner=None):
+        self.module, self.inner = module, inner
+
+    def __call__(self, *args, **kwargs):
+        forward = self.inner or (lambda *a, **k: type(self.module).forward(self.module, *a, **k))
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        # ComfyUI's UNet keeps the state of its forward pass in `transformer_options`, a dict it
+        # changes block after block; the recomputation must see this call's state, not the last.
+        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+        kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def checkpointed_clone(model_patcher):
+    """A clone whose UNet blocks (`CHECKPOINTED_BLOCKS`) run with gradient checkpointing."""
+    clone = model_patcher.clone()
+    for name, module in unet_of(model_patcher).named_modules():
+        if isinstance(module, CHECKPOINTED_BLOCKS):
+            key = f"diffusion_model.{name}.forward"
+            clone.add_object_patch(key, CheckpointedForward(module, clone.object_patches.get(key)))
+    return clone
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a precision ("fp32": none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+
+
+def adm_conditioning(base, x_t: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor | None:
+    """The UNet's extra conditioning `y` for a batch, or None for a model that takes none.
+
+    It goes through the path ComfyUI's samplers take (`encode_model_conds` -> the model's
+    `extra_conds` -> `encode_adm`), with what CLIP Text Encode puts into a conditioning: for SDXL
+    the pooled text plus the size embeddings (width and height from the latent, crop 0, target =
+    size); for SD2 unCLIP the zeros of no image. Without pooled text an SDXL gets zeros, which
+    its sampling never feeds it."""
+    if not getattr(base, "adm_channels", 0):
+        return None
+    if pooled is None and isinstance(base, comfy.model_base.SDXL):
+        return torch.zeros(len(x_t), base.adm_channels, device=x_t.device, dtype=x_t.dtype)
+    cond = {"model_conds": {}} if pooled is None else {"model_conds": {}, "pooled_output": pooled}
+    [encoded] = comfy.samplers.encode_model_conds(base.extra_conds, [cond], x_t, x_t.device, "positive")
+    y = encoded["model_conds"]["y"].cond.to(x_t.device)
+    return y.expand(len(x_t), -1) if len(y) == 1 else y
+
+
+@contextlib.contextmanager
+def attached_for_training(model_patcher, edit: ProjectionEdit, compute: TrainingCompute = TrainingCompute()) -> Iterator:
+    """Stage 2's network: a clone running `edit`, loaded once, as a denoiser
+    D(x_t, σ, context, pooled=None) -> x_0. It is ComfyUI's `apply_model`, so the model's own
+    sampling (epsilon or v-prediction, its sigmas, a ModelSamplingDiscrete patch) turns the UNet's
+    output into x_0. `pooled` (`[n, p]`, from `ClipTextEncoder.encode_pooled`) makes SDXL's extra
+    conditioning as sampling does (`adm_conditioning`). `compute` sets autocast and gradient
+    checkpointing, both on the clone only. The "original" predictions come from the same network
+    with the edit switched off, so no second copy of the UNet is ever made."""
+    clone = patched_clone(model_patcher, edit)
+    if compute.checkpointing:
+        clone = checkpointed_clone(clone)
+    with loaded_for_gradients(clone) as base:
+        dtype = base.get_dtype()
+
+        def denoise(x_t, sigma, context, pooled=None):
+            y = adm_conditioning(base, x_t, pooled)
+            extra = {} if y is None else {"y": y}
+            with autocast(x_t.device, compute.precision):
+                return base.apply_model(x_t, sigma, c_crossattn=context.to(dtype), **extra).float()
 
         yield denoise

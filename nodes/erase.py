@@ -2,6 +2,7 @@
 apart for people who want them (concept list, closed form, adversarial fine-tuning, apply)."""
 from __future__ import annotations
 
+import dataclasses
 
 import comfy.model_management
 import comfy.utils
@@ -13,8 +14,10 @@ from ..ace.concepts import ConceptRequest
 from ..ace.erasure import Erasure, erase, fine_tune
 from ..ace.expansion import ExpansionConfig
 from ..ace.finetune import FinetuneConfig
+from ..ace.network import Network, TrainingCompute
 from ..ace.presets import NO_PRESET, preset_names, request_with_preset
-from .comfy_models import network_of, with_erasure
+from .comfy_models import (CHECKPOINTING_CHOICES, PRECISION_CHOICES, network_of, prediction_type, training_compute,
+                           with_erasure)
 from .loss_plot import loss_curve_image
 
 Erasure_ = io.Custom("ACE_ERASURE")
@@ -46,11 +49,23 @@ def _progress_callback(total: int):
     return callback
 
 
+def _recorded(erasure: Erasure, model, network: Network) -> Erasure:
+    """The erasure with what its model predicts (which an exported LoRA's metadata names) and how
+    its stage 2 ran (precision, checkpointing) in its record."""
+    erasure.info["prediction"] = prediction_type(model)
+    if erasure.info.get("history"):
+        erasure.info["stage2_compute"] = dataclasses.asdict(network.compute)
+    return erasure
+
+
 def erase_from_model(model, clip, request: ConceptRequest, closed_form: ClosedFormConfig, training: FinetuneConfig,
-                     resolution: int | None = None, expansion: ExpansionConfig = ExpansionConfig()) -> Erasure:
-    """Stages 0-2 on a ComfyUI MODEL and CLIP (the MODEL itself is never changed)."""
+                     resolution: int | None = None, expansion: ExpansionConfig = ExpansionConfig(),
+                     compute: TrainingCompute | None = None) -> Erasure:
+    """Stages 0-2 on a ComfyUI MODEL and CLIP (the MODEL itself is never changed). `compute`:
+    stage 2's precision and gradient checkpointing (default: the device's, `default_compute`)."""
     callback = _progress_callback(training.steps) if training.steps else None
-    return erase(network_of(model, clip, resolution), request, closed_form, training, expansion, callback)
+    network = network_of(model, clip, resolution, compute)
+    return _recorded(erase(network, request, closed_form, training, expansion, callback), model, network)
 
 
 def found_words(erasure: Erasure) -> str:
@@ -63,9 +78,11 @@ def found_words(erasure: Erasure) -> str:
     return "words the model draws each concept from, erased with it:\n" + "\n".join(lines)
 
 
-def fine_tune_on_model(model, clip, erasure: Erasure, training: FinetuneConfig, resolution: int | None = None) -> Erasure:
+def fine_tune_on_model(model, clip, erasure: Erasure, training: FinetuneConfig, resolution: int | None = None,
+                       compute: TrainingCompute | None = None) -> Erasure:
     """Stage 2 of an existing erasure on a ComfyUI MODEL and CLIP (neither is changed)."""
-    return fine_tune(erasure, network_of(model, clip, resolution), training, _progress_callback(training.steps))
+    network = network_of(model, clip, resolution, compute)
+    return _recorded(fine_tune(erasure, network, training, _progress_callback(training.steps)), model, network)
 
 
 class EraseConcept(io.ComfyNode):
@@ -180,6 +197,8 @@ class AdversarialFineTune(io.ComfyNode):
                 io.Float.Input("guidance", default=1.0, min=0.0, max=10.0, step=0.1, tooltip="How far the concept's prediction is pushed away from it, past the neutral one (negative guidance, as ESD's)."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Image size of the training examples (512 for SD1.5, 1024 for SDXL)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip="Seed of the noise and attacks; the same seed gives the same result."),
+                io.Combo.Input("precision", options=list(PRECISION_CHOICES), default="auto", optional=True, tooltip="The network's precision while training: auto = bf16 autocast on a GPU that has it (fp16 on older GPUs), fp32 on the CPU; fp32 = the dtype the model was loaded in, no autocast. Half precision halves the memory of the activations."),
+                io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING_CHOICES), default="auto", optional=True, tooltip="Recompute the UNet's activations in the backward pass instead of keeping them: far less memory, for one more forward pass of each block per backward pass. auto = on for SDXL on a GPU, off otherwise."),
             ],
             outputs=[
                 Erasure_.Output(display_name="ERASURE", tooltip="The fine-tuned erasure."),
@@ -188,10 +207,12 @@ class AdversarialFineTune(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, erasure, steps, learning_rate, adversarial_weight, preserve_weight, guidance, resolution, seed) -> io.NodeOutput:
+    def execute(cls, model, clip, erasure, steps, learning_rate, adversarial_weight, preserve_weight, guidance, resolution, seed,
+                precision="auto", gradient_checkpointing="auto") -> io.NodeOutput:
         cfg = FinetuneConfig(steps=steps, learning_rate=learning_rate, adversarial_weight=adversarial_weight,
                              preserve_weight=preserve_weight, guidance=guidance, seed=seed)
-        tuned = fine_tune_on_model(model, clip, erasure, cfg, resolution)
+        compute = training_compute(model, precision, gradient_checkpointing)
+        tuned = fine_tune_on_model(model, clip, erasure, cfg, resolution, compute)
         curve = loss_curve_image(tuned.info["history"])
         return io.NodeOutput(tuned, curve, ui=ui.PreviewImage(curve, cls=cls))
 

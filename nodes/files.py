@@ -97,18 +97,20 @@ class ExportLoRA(io.ComfyNode):
                 io.String.Input("file_name", default="ace_erasure_lora", tooltip="A plain file name (no folders); .safetensors is added."),
                 io.Float.Input("strength", default=1.0, min=-2.0, max=2.0, step=0.05, tooltip="Baked into the LoRA's weights."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace a file of the same name."),
+                io.Int.Input("rank", default=0, min=0, max=1024, optional=True, tooltip="0: exact, each concept's edit side by side (the rank grows with the number of concepts). Any other value: the edits of all concepts compressed together to this rank (SVD); the node reports the error."),
             ],
             outputs=[io.String.Output(display_name="LORA_NAME", tooltip="The LoRA's name as LoraLoader lists it.")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, erasure, file_name, strength, overwrite) -> io.NodeOutput:
+    def execute(cls, erasure, file_name, strength, overwrite, rank=0) -> io.NodeOutput:
         check_strength(strength)
         path = _target("loras", file_name, overwrite)
-        export_lora(erasure, path, strength)
+        lora = export_lora(erasure, path, strength, rank or None)
         name = os.path.basename(path)
-        return io.NodeOutput(name, ui=ui.PreviewText(f"exported {name} to models/loras"))
+        error = f", error {lora.max_error:.2%} at most (mean {lora.mean_error:.2%})" if lora.max_error else " (exact)"
+        return io.NodeOutput(name, ui=ui.PreviewText(f"exported {name} to models/loras: rank {lora.rank}{error}"))
 
 
 class BakeErasure(io.ComfyNode):

@@ -119,12 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="strength of the erasure in the evaluation, and baked into the LoRA (default 1)")
     how.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="where to run (default: the GPU if torch sees one)")
+    how.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                     help="the network's precision in stage 2: bf16/fp16 autocast, or fp32 = the dtype the model "
+                          "loads in (default auto: bf16 on a GPU that has it, else fp16; fp32 on the CPU)")
+    how.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto",
+                     help="gradient checkpointing in stage 2: far less memory, one more forward pass of each block "
+                          "per backward pass "
+                          "(default auto: on for SDXL on a GPU, off otherwise)")
     how.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
 
     out = erase.add_argument_group("outputs (at least one of --erasure, --lora, --bake)")
     out.add_argument("--erasure", metavar="OUT.safetensors", help="write the ACE erasure (gated, exact)")
     out.add_argument("--lora", metavar="OUT.safetensors",
                      help="write the portable LoRA (kohya keys, gate fixed open: it also shifts unrelated prompts a little)")
+    out.add_argument("--lora-rank", type=int, metavar="R",
+                     help="compress the LoRA: the edits of all concepts together to rank R (SVD; the error is printed). "
+                          "Default: exact, each concept's rank side by side")
     out.add_argument("--bake", metavar="OUT.safetensors",
                      help="write the whole erased checkpoint, the erasure baked into its weights (gate open, as the "
                           "LoRA), as ComfyUI's Save Checkpoint writes it")
@@ -253,7 +263,7 @@ def check_args(args) -> Plan:
     concepts = _concept_text(args)
     for option, value, low, high in (("--steps", args.steps, 0, 100_000), ("--rank", args.rank, 1, 256),
                                      ("--seed", args.seed, 0, MAX_SEED), ("--threads", args.threads, 1, 1024),
-                                     ("--sample-steps", args.sample_steps, 1, 10_000)):
+                                     ("--sample-steps", args.sample_steps, 1, 10_000), ("--lora-rank", args.lora_rank, 1, 1024)):
         if value is not None and not low <= value <= high:
             raise CommandError(f"{option} must be from {low} to {high}, got {value}")
     if args.resolution is not None and not (8 <= args.resolution <= 16384 and args.resolution % 8 == 0):
@@ -264,6 +274,8 @@ def check_args(args) -> Plan:
 
     if args.erasure is None and args.lora is None and args.bake is None:
         raise CommandError("nothing to write: give --erasure, --lora and/or --bake OUT.safetensors")
+    if args.lora_rank is not None and args.lora is None:
+        raise CommandError("--lora-rank sets the rank of the LoRA: give --lora OUT.safetensors too")
     if args.bake is not None and checkpoint is None:
         raise CommandError("--bake writes a checkpoint: give a checkpoint file to erase from, not --toy")
     taken = {"the checkpoint": checkpoint} if checkpoint is not None else {}
@@ -420,18 +432,24 @@ def run_erase(args, plan: Plan) -> None:
                            "trained with: use a full checkpoint, not a diffusion-model-only file")
     family = comfy_models.family_of(model)
     resolution = args.resolution or comfy_models.DEFAULT_RESOLUTION.get(family, 512)
+    try:
+        compute = comfy_models.training_compute(model, args.precision, args.checkpointing)
+    except ValueError as e:
+        raise CommandError(_one_line(e)) from None
     print(f"{plan.model_name}: {family}, {len(projections)} cross-attention projections; erasing "
           f"{len(request.concepts)} concept(s): {', '.join(c.target for c in request.concepts)}", flush=True)
 
     if args.steps and model.load_device.type == "cpu" and plan.checkpoint is not None:
         print("note: fine-tuning on the CPU; a real SD checkpoint takes minutes per step (--steps 0 is the "
               "closed form alone, seconds per concept)", flush=True)
-    print("encoding the concepts' prompts and solving the closed form (stages 0-1)" +
-          (f", then {args.steps} fine-tuning steps (stage 2)" if args.steps else ""), flush=True)
+    stage2 = (f", then {args.steps} fine-tuning steps (stage 2: {compute.precision}, gradient checkpointing "
+              f"{'on' if compute.checkpointing else 'off'})") if args.steps else ""
+    print(f"encoding the concepts' prompts and solving the closed form (stages 0-1){stage2}", flush=True)
     started = time.perf_counter()
     try:
         with progress_bar("stage 2, adversarial fine-tuning"):
-            erasure = pack.nodes.erase.erase_from_model(model, clip, request, closed_form, training, resolution, expansion)
+            erasure = pack.nodes.erase.erase_from_model(model, clip, request, closed_form, training, resolution,
+                                                        expansion, compute)
     except ValueError as e:  # the nodes' errors are ValueErrors that say what to change
         raise CommandError(_one_line(e)) from None
     info = erasure.info
@@ -447,8 +465,12 @@ def run_erase(args, plan: Plan) -> None:
         _write(plan.erasure_path, lambda f: ace.files.save_erasure(erasure, f))
         print(f"wrote the erasure {plan.erasure_path} ({_size(plan.erasure_path)})", flush=True)
     if plan.lora_path is not None:
-        _write(plan.lora_path, lambda f: ace.files.export_lora(erasure, f, strength))
-        print(f"wrote the LoRA {plan.lora_path} ({_size(plan.lora_path)})", flush=True)
+        exported = []
+        _write(plan.lora_path, lambda f: exported.append(ace.files.export_lora(erasure, f, strength, args.lora_rank)))
+        lora = exported[0]
+        error = (f", {lora.max_error:.2%} from the erasure with its gate open at most (mean {lora.mean_error:.2%})"
+                 if lora.max_error else ", exact")
+        print(f"wrote the LoRA {plan.lora_path} ({_size(plan.lora_path)}, rank {lora.rank}{error})", flush=True)
     if plan.bake_path is not None:
         import comfy.sd
 

@@ -54,10 +54,15 @@ TINY_SD15_UNET = {
 
 # --- ComfyUI in this process ---------------------------------------------------------------------
 
+# Where the in-process tests run ComfyUI: the CPU, unless ACE_TEST_DEVICE says "cuda" (as
+# scripts/gpu_check.sh does). The server tests always start ComfyUI's main.py with --cpu.
+TEST_DEVICE = os.environ.get("ACE_TEST_DEVICE", "cpu")
+
+
 def init_comfyui(base_dir: Path) -> host.Host:
-    """ComfyUI in this process (CPU, its extra nodes, folders under base_dir) with this pack, and
-    the tests' in-memory model node."""
-    host.start(base_dir, device="cpu", extra_nodes=True)
+    """ComfyUI in this process (on TEST_DEVICE, its extra nodes, folders under base_dir) with this
+    pack, and the tests' in-memory model node."""
+    host.start(base_dir, device=TEST_DEVICE, extra_nodes=True)
     import nodes
 
     nodes.NODE_CLASS_MAPPINGS[InMemoryModel.NODE_ID] = InMemoryModel
@@ -139,16 +144,20 @@ def load_checkpoint(ckpt_name: str):
     return nodes.CheckpointLoaderSimple().load_checkpoint(ckpt_name)
 
 
-def _in_memory(config_class_name: str, unet_config: dict, seed: int, dtype=None):
+def _in_memory(config_class_name: str, unet_config: dict, seed: int, dtype=None, model_type=None):
     import torch
 
+    import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
     config = getattr(comfy.supported_models, config_class_name)(unet_config)
     config.set_inference_dtype(dtype or torch.float32, None)
-    model = config.get_model({}, device="cpu")
+    if model_type is None:  # what ComfyUI's loader decides from the (here empty) state dict
+        model = config.get_model({}, device="cpu")
+    else:  # as the loader builds it when the checkpoint says e.g. v-prediction (SD2.x 768-v)
+        model = comfy.model_base.BaseModel(config, model_type=getattr(comfy.model_base.ModelType, model_type), device="cpu")
     _randomize_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(
         model, load_device=comfy.model_management.get_torch_device(), offload_device=torch.device("cpu")
@@ -162,13 +171,14 @@ _SMALL_UNET = {
 }
 
 
-def tiny_sd2_model(seed: int = 2, dtype=None):
+def tiny_sd2_model(seed: int = 2, dtype=None, v_prediction: bool = False):
     """An SD2.x-family MODEL (ComfyUI's SD20 config) built in memory: 2 levels, widths 64/128,
-    1024-wide context, linear projections in the transformers; 7 cross-attention layers."""
+    1024-wide context, linear projections in the transformers; 7 cross-attention layers.
+    `v_prediction`: a v-prediction model (as SD 2.x 768-v), else epsilon (as SD 2.x base)."""
     return _in_memory("SD20", {
         **_SMALL_UNET, "adm_in_channels": None, "context_dim": 1024, "use_linear_in_transformer": True,
         "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
-    }, seed, dtype)
+    }, seed, dtype, "V_PREDICTION" if v_prediction else None)
 
 
 def tiny_sdxl_model(seed: int = 3):
@@ -180,6 +190,41 @@ def tiny_sdxl_model(seed: int = 3):
         "use_linear_in_transformer": True, "transformer_depth": [0, 2],
         "transformer_depth_output": [0, 0, 2, 2], "transformer_depth_middle": 2,
     }, seed)
+
+
+# Text encoder layers of the small real CLIPs: ComfyUI takes the penultimate layer of SD2's and
+# SDXL's towers, so 3 is the fewest that keeps that choice meaningful; full depth (24 for
+# OpenCLIP-H, 12 + 32 for SDXL's CLIP-L + CLIP-G) only makes stage 0 slower on a CPU.
+SMALL_CLIP_LAYERS = 3
+
+
+def _random_clip(config_class_name: str, model_options: dict, seed: int):
+    """ComfyUI's own CLIP (tokenizer and text model classes of the family, as its checkpoint
+    loader builds them) with random weights and `model_options` changing the towers' depth."""
+    import torch
+
+    import comfy.sd
+    import comfy.supported_models
+
+    target = getattr(comfy.supported_models, config_class_name)({}).clip_target()
+    clip = comfy.sd.CLIP(target=target, model_options={**model_options, "dtype": torch.float32})
+    _randomize_(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_sd2_clip(seed: int = 12, layers: int = SMALL_CLIP_LAYERS):
+    """SD2.x's text encoder as ComfyUI builds it (`SD2Tokenizer` + `SD2ClipModel`: OpenCLIP-H,
+    1024 wide, pads with token 0), random, `layers` deep."""
+    # SD2ClipHModel gives its tower no model name; naming it lets its config be changed.
+    return _random_clip("SD20", {"model_name": "clip_h", "clip_h_model_config": {"num_hidden_layers": layers}}, seed)
+
+
+def tiny_sdxl_clip(seed: int = 13, layers: int = SMALL_CLIP_LAYERS):
+    """SDXL's text encoders as ComfyUI builds them (`SDXLTokenizer` + `SDXLClipModel`: CLIP-L
+    768 wide padding with its end token, CLIP-G 1280 wide padding with 0, joined to 2048; the
+    pooled output from CLIP-G's projection), random, each tower `layers` deep."""
+    return _random_clip("SDXL", {"clip_l_model_config": {"num_hidden_layers": layers},
+                                 "clip_g_model_config": {"num_hidden_layers": layers}}, seed)
 
 
 def tiny_sd1_without_cross_attention(seed: int = 4):

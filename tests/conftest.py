@@ -49,6 +49,18 @@ def sdxl_model(comfy):
     return harness.tiny_sdxl_model()
 
 
+@pytest.fixture(scope="session")
+def sd2_clip(comfy):
+    """SD2.x's real text encoder classes (OpenCLIP-H through ComfyUI's SD2ClipModel), random, 3 layers."""
+    return harness.tiny_sd2_clip()
+
+
+@pytest.fixture(scope="session")
+def sdxl_clip(comfy):
+    """SDXL's real text encoder classes (CLIP-L + CLIP-G through ComfyUI's SDXLClipModel), random, 3 layers each."""
+    return harness.tiny_sdxl_clip()
+
+
 @pytest.fixture
 def flux_model(comfy):
     """A fresh in-memory Flux MODEL: another family, with no attn2 cross-attention."""

@@ -71,8 +71,8 @@ def test_erase_a_checkpoint_writes_the_erasure_the_lora_and_an_evaluation(tiny_s
         "erase", tiny_sd15_checkpoint,
         "--concepts", r"Van Gogh: Vincent van Gogh\nMonet",  # a typed \n separates concepts
         "--anchor", "a painting", "--preserve", "Rembrandt",
-        "--steps", 1, "--rank", 4, "--resolution", 64, "--threads", 1, "--no-expand",
-        "--erasure", erasure_file, "--lora", lora_file,
+        "--steps", 1, "--rank", 4, "--resolution", 64, "--threads", 1, "--no-expand", "--precision", "bf16",
+        "--checkpointing", "on", "--erasure", erasure_file, "--lora", lora_file, "--lora-rank", 3,
         "--eval", write_prompts(tmp_path / "prompts.json", **prompts), "--eval-dir", eval_dir, "--sample-steps", 2,
     ))
 
@@ -83,6 +83,8 @@ def test_erase_a_checkpoint_writes_the_erasure_the_lora_and_an_evaluation(tiny_s
     assert erasure.request.preserve == ("Rembrandt",)
     assert erasure.adapter.rank == 2 * 4  # the joint edit: the rank per concept times the concepts
     assert erasure.info["training"]["steps"] == 1 and "final_losses" in erasure.info  # stage 2 ran
+    assert erasure.info["stage2_compute"] == {"precision": "bf16", "checkpointing": True}
+    assert "(stage 2: bf16, gradient checkpointing on)" in run.stdout
 
     with safe_open(str(lora_file), "pt") as f:
         keys, metadata = set(f.keys()), f.metadata()
@@ -90,6 +92,11 @@ def test_erase_a_checkpoint_writes_the_erasure_the_lora_and_an_evaluation(tiny_s
     assert all(KOHYA_KEY.fullmatch(k) for k in keys), sorted(keys)
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight" in keys
     assert metadata["ss_network_module"] == "networks.lora"
+    # the concepts' rank-4 edits compressed together to rank 3, the error printed
+    with safe_open(str(lora_file), "pt") as f:
+        assert f.get_tensor(next(k for k in keys if k.endswith("lora_down.weight"))).shape[0] == 3
+    assert metadata["ss_network_dim"] == "3" and metadata["ss_base_model_version"] == "sd_v1"
+    assert re.search(r"rank 3, [0-9.]+% from the erasure with its gate open at most", run.stdout)
 
     report = check_eval(eval_dir, run.stdout, prompts)
     # The tiny checkpoint's CLIP is random, so only the gate is compared: it opens wider on the
@@ -186,6 +193,10 @@ def test_other_wrong_arguments_fail_before_loading_anything(some_file, tmp_path)
     out = tmp_path / "o.safetensors"
     failed_with(ace("erase", some_file, "--concepts", "Monet"), "nothing to write")
     failed_with(ace("erase", some_file, "--erasure", out), "nothing to erase: give --preset, --concepts or --concepts-file")
+    failed_with(ace("erase", some_file, "--concepts", "Monet", "--erasure", out, "--lora-rank", 4),
+                "--lora-rank sets the rank of the LoRA: give --lora")
+    failed_with(ace("erase", some_file, "--concepts", "Monet", "--lora", out, "--lora-rank", 0),
+                "--lora-rank must be from 1 to 1024")
     failed_with(ace("erase", some_file, "--concepts", "Monet", "--erasure", some_file, "--overwrite"),
                 "same file as the checkpoint")
     failed_with(ace("erase", some_file, "--concepts", "Monet", "--erasure", tmp_path / "o.pt"), "must end in .safetensors")

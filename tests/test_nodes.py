@@ -142,7 +142,8 @@ def test_save_load_apply_and_lora_export(tiny_sd15_name, tiny_sd15, comfy):
     outs = []
     for m in (lora_model, gated_model, model):
         comfy.model_management.load_models_gpu([m])
-        outs.append(m.model.apply_model(x, sigma, c_crossattn=context))
+        outs.append(m.model.apply_model(x.to(m.load_device), sigma.to(m.load_device),
+                                        c_crossattn=context.to(m.load_device)).cpu())
     assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(outs[0], outs[2], atol=1e-4)
 
@@ -157,17 +158,19 @@ def _open(adapter):
     return opened
 
 
-def test_other_families_erase_and_apply_in_memory(sd2_model, sdxl_model, comfy):
-    """SD2.x and SDXL: stages 1 and 2 on their cross-attention layers (a toy text encoder of their
-    width stands in for OpenCLIP / CLIP-L+G), then the erased clone samples."""
+def test_other_families_erase_and_apply_in_memory(sd2_model, sdxl_model, sd2_clip, sdxl_clip, comfy):
+    """SD2.x and SDXL with ComfyUI's own text encoders of each (OpenCLIP-H; CLIP-L + CLIP-G, small
+    and random): stages 1 and 2 on their cross-attention layers, then the erased clone samples."""
     ace_erasure = pack().ace.erasure
     comfy_models = pack().nodes.comfy_models
-    toys = __import__("toys")
-    for model, family, width in ((sd2_model, "sd2", 1024), (sdxl_model, "sdxl", 2048)):
+    import comfy.model_management
+    import comfy.sd
+
+    for model, clip, family, width in ((sd2_model, sd2_clip, "sd2", 1024), (sdxl_model, sdxl_clip, "sdxl", 2048)):
         projections = comfy_models.check_model(model)
         assert comfy_models.family_of(model) == family and projections[0].in_features == width
         request = pack().ace.concepts.parse_request("snoopy", "a dog", "")
-        network = comfy_models.model_network(model, toys.ToyTextEncoder(width=width, length=77), resolution=64)
+        network = comfy_models.network_of(model, clip, resolution=64)
         erasure = ace_erasure.erase(network, request, training=pack().ace.finetune.FinetuneConfig(steps=2))
         assert len(erasure.info["history"]) == 2
         assert all(math.isfinite(v) for h in erasure.info["history"] for v in h.values())
@@ -175,17 +178,14 @@ def test_other_families_erase_and_apply_in_memory(sd2_model, sdxl_model, comfy):
         # one ACE forward per projection, and the guard that makes savers refuse the unbaked MODEL
         assert sorted(erased.object_patches) == sorted([f"diffusion_model.{p.name}.forward" for p in projections] + [comfy_models.SAVE_GUARD])
         assert not model.object_patches  # the input MODEL is not changed
-        import comfy.model_management
-
         comfy.model_management.load_models_gpu([erased])
-        x, sigma = torch.randn(1, 4, 8, 8), torch.tensor([1.0])
-        context = torch.randn(1, 77, width)
-        extra = {"y": torch.zeros(1, erased.model.adm_channels)} if erased.model.adm_channels else {}
-        out = erased.model.apply_model(x, sigma, c_crossattn=context, **extra)
+        device = model.load_device
+        x, sigma = torch.randn(1, 4, 8, 8).to(device), torch.tensor([1.0], device=device)
+        context, pooled = network.encoder.encode_pooled(["a photo of snoopy"])
+        y = comfy_models.adm_conditioning(erased.model, x, None if pooled is None else pooled.to(device))
+        out = erased.model.apply_model(x, sigma, c_crossattn=context.to(device), **({} if y is None else {"y": y}))
         assert out.shape == x.shape and torch.isfinite(out).all()
         # the portable LoRA's keys (diffusers names for SD2, LDM names for SDXL) all map in ComfyUI
-        import comfy.sd
-
         lora = pack().ace.files.lora_state_dict(erasure)
         lora_model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
         assert len(lora_model.patches) == len(projections)
@@ -358,7 +358,7 @@ def test_weights_come_from_the_model_not_from_another_clone_loaded_in_memory(tin
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_comfy_model_trains_and_samples(comfy, dtype):
+def test_half_precision_comfy_model_trains_and_samples(comfy, sd2_clip, dtype):
     """A MODEL whose UNet runs in fp16/bf16: stage 2 trains the float32 adapter through it inside
     ComfyUI's model management, and the erased clone's output is finite and differs from the base."""
     import comfy.model_management
@@ -368,13 +368,14 @@ def test_half_precision_comfy_model_trains_and_samples(comfy, dtype):
     model = tiny_sd2_model(dtype=dtype)
     assert model.model.get_dtype() == dtype
     comfy_models = pack().nodes.comfy_models
-    network = comfy_models.model_network(model, __import__("toys").ToyTextEncoder(width=1024, length=77), resolution=64)
+    network = comfy_models.network_of(model, sd2_clip, resolution=64)
     erasure = pack().ace.erasure.erase(network, pack().ace.concepts.parse_request("snoopy", "a dog"),
                                        training=pack().ace.finetune.FinetuneConfig(steps=2))
     assert all(math.isfinite(v) for h in erasure.info["history"] for v in h.values())
     assert erasure.adapter.lora_down[0].dtype == torch.float32
-    x, sigma = torch.randn(1, 4, 8, 8), torch.tensor([1.0])
-    context = __import__("toys").ToyTextEncoder(width=1024, length=77).encode(["snoopy"])
+    device = model.load_device
+    x, sigma = torch.randn(1, 4, 8, 8).to(device), torch.tensor([1.0], device=device)
+    context = network.encoder.encode(["snoopy"]).to(device)
     outs = []
     for m in (model, comfy_models.with_erasure(model, erasure, 1.0)):
         comfy.model_management.load_models_gpu([m])
