@@ -42,11 +42,11 @@ LOGIT_HIGH = math.log(GATE_HIGH / (1 - GATE_HIGH))
 
 @dataclass(frozen=True)
 class ClosedFormConfig:
-    rank: int = 32  # per concept and projection (see the README: 8 fitted MiniLM's concept badly)
+    rank: int = 64  # per concept and projection (stage 1 on the causal toy: benchmark/README.md)
     max_rank: int = 256  # of the joint edit, whatever the number of concepts
     gate_rank: int = 8  # dimensions of each concept's gate subspace
     adversarial_rounds: int = 2  # rounds of closed-form adversarial embeddings (0: none)
-    preserve_weight: float = 1.0  # λ_p
+    preserve_weight: float = 0.1  # λ_p: the gates keep preserve tokens out of the edit, so it can fit the concept
     ridge: float = 1e-3  # λ, relative to the mean energy of the concept embeddings
     on_quantile: float = 0.1  # of the concept's own tokens' scores, where the gate reaches 0.95
     off_quantile: float = 0.999  # of preserve-token scores, where the gate falls to 0.05

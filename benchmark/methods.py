@@ -127,7 +127,7 @@ def uce(model, clip, request, rounds: int = 0) -> Erased:
     C = torch.cat([c.C for c in tokens.concepts]).double()
     N = torch.cat([c.N for c in tokens.concepts]).double()
     P = tokens.P.double()
-    PtP_m, config = P.T @ P / len(P), closed_form.ClosedFormConfig()
+    PtP_m, config = P.T @ P / len(P), closed_form.ClosedFormConfig(preserve_weight=1.0)  # UCE's own balance
     M = closed_form.solve_edit(C, N, PtP_m, config)
     gram = closed_form.projection_gram([weights[p.name].detach().cpu() for p in projections])
     C_all, N_all, found = C, N, []

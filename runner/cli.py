@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     how = erase.add_argument_group("how")
     how.add_argument("--steps", type=int, default=40, metavar="N",
                      help="stage-2 adversarial fine-tuning steps; 0 = closed form only (default 40)")
-    how.add_argument("--rank", type=int, default=32, metavar="R", help="rank of the edit per concept and layer (default 32)")
+    how.add_argument("--rank", type=int, default=64, metavar="R",
+                     help="rank of the edit per concept and layer (default 64; the joint edit: rank x concepts, at most 256)")
     how.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the fine-tuning and of the evaluation renders (default 0)")
     how.add_argument("--no-expand", action="store_true",
                      help="erase only the words given; by default ACE also erases the other words the model draws each "

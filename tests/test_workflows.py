@@ -209,7 +209,7 @@ def test_workflow_runs_on_the_server_with_the_tiny_model(name, comfy_server, obj
         # the baked, erased checkpoint, written by ComfyUI's own Save Checkpoint
         assert list((comfy_server.base_dir / "output" / "checkpoints").glob("no_van_gogh_*.safetensors"))
         texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
-        assert f"saved {SAVED_ERASURE}" in texts and f"exported {EXPORTED_LORA} to models/loras: rank 32 (exact)" in texts
+        assert f"saved {SAVED_ERASURE}" in texts and f"exported {EXPORTED_LORA} to models/loras: rank 64 (exact)" in texts
 
 
 @pytest.mark.slow
