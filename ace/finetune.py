@@ -3,7 +3,7 @@
 The network stays frozen; the adapter trains: every layer's A and B and every gate (directions,
 threshold, temperature). The original network's predictions come from the same network with the
 adapter switched off. Per step, for one concept (in turn), on noisy examples x_t = x_0 + σ ε of
-it, σ drawn log-uniformly over the model's schedule:
+it, σ drawn as the model was trained (`Network.train_sigmas`):
 
     target  = D_orig(x_t, σ, neutral) − η (D_orig(x_t, σ, concept) − D_orig(x_t, σ, neutral))
     L_erase = ‖D_edit(x_t, σ, concept) − target‖² / σ²
@@ -17,8 +17,8 @@ it, σ drawn log-uniformly over the model's schedule:
   original model's neutral prediction of a noisy concept picture still contains the concept, and
   stage 1 already matches it. Dividing by σ² weighs every noise level as a noise-prediction loss
   does (D = x_t − σ ε).
-- x_0: pictures the original model draws of the concept, and, every `on_policy_every` steps, one
-  the edited model draws (on-policy: where the erased model actually goes).
+- x_0: pictures the original model draws of the concept, and, every `on_policy_every` steps of
+  that concept, one the edited model draws (on-policy: where the erased model actually goes).
 - The soft word (the adversarial input): the concept's word replaced by free input token
   embeddings of the text encoder, which an inner attacker optimises with Adam for
   `attack_steps` steps per outer step, warm-started from the previous step (AdvUnlearn's and
@@ -57,7 +57,7 @@ class FinetuneConfig:
     attack_rate: float = 0.1  # the inner Adam's step, relative to the soft word's typical coordinate
     batch_size: int = 2
     images_per_concept: int = 2  # examples of each concept the original model draws to train on
-    on_policy_every: int = 10  # steps between pictures drawn by the edited model (0: never)
+    on_policy_every: int = 10  # a concept's steps between its pictures drawn by the edited model (0: never)
     seed: int = 0
 
     def __post_init__(self):
@@ -157,8 +157,7 @@ def finetune(
     start = time.perf_counter()
     device = latents[0].device
     generator = torch.Generator().manual_seed(cfg.seed)
-    log_sigma = network.train_sigmas.float().log()
-    low, high = log_sigma.min().item(), log_sigma.max().item()
+    train_sigmas = network.train_sigmas.float()
     weights = [network.weights[p.name].detach().to(device, torch.float32) for p in adapter.projections]
     pool = [list(x) for x in latents]  # each concept's examples; on-policy ones join them
 
@@ -184,12 +183,13 @@ def finetune(
                 group["lr"] = learning_rate(cfg, step, total)
             c = step % len(tokens.concepts)
             concept = tokens.concepts[c]
-            if cfg.on_policy_every and step % cfg.on_policy_every == cfg.on_policy_every - 1:
+            # every concept's own count of steps, so each gets its on-policy pictures whatever K is
+            if cfg.on_policy_every and (step // len(tokens.concepts)) % cfg.on_policy_every == cfg.on_policy_every - 1:
                 pool[c].append(_on_policy(adapter, denoise, network, concept, generator, device))
             b = cfg.batch_size
             prompt = pick(len(concept.prompts), b)
             x0 = torch.stack([pool[c][i] for i in pick(len(pool[c]), b).tolist()]).to(device)
-            sigma = (torch.rand(b, generator=generator) * (high - low) + low).exp().to(device, x0.dtype)
+            sigma = train_sigmas[pick(len(train_sigmas), b)].to(device, x0.dtype)
             x_t = (x0 + torch.randn(x0.shape, generator=generator).to(device, x0.dtype) * sigma.view(-1, *[1] * (x0.dim() - 1))).detach()
             ctx = usable(concept.concept_context[prompt])
             p_ctx = preserve_context[pick(len(preserve_context), b).to(device)]

@@ -51,10 +51,10 @@ class Network:
     patches, such as LoRAs, already applied). `attach(edit)` is a context manager that yields the
     denoiser with `edit` (a `ProjectionEdit`) running on the projections, for stage 2; the original
     model's predictions come from the same network with the edit switched off. `sample_sigmas`
-    (descending, ending at 0) draw the concept's examples; `train_sigmas` are the noise levels
-    stage 2 trains at. `num_res_blocks` (residual blocks per UNet level) fixes the diffusers names
-    of the projections in an exported LoRA. `compute` is how `attach` runs the network (precision,
-    gradient checkpointing).
+    (descending, ending at 0) draw the concept's examples; `train_sigmas` is a table of noise
+    levels whose uniform draw is the model's training distribution, for stage 2. `num_res_blocks`
+    (residual blocks per UNet level) fixes the diffusers names of the projections in an exported
+    LoRA. `compute` is how `attach` runs the network (precision, gradient checkpointing).
     """
 
     family: str

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Iterator
@@ -322,12 +323,30 @@ def latent_shape(model_patcher, resolution: int) -> tuple[int, int, int]:
     return (channels, side, side)
 
 
+# EDM's default training noise distribution, ln σ ~ N(-1.2, 1.2²) (Karras et al. 2022): the one a
+# model whose sampling is continuous EDM states nothing more specific about.
+EDM_LOG_SIGMA_MEAN, EDM_LOG_SIGMA_STD = -1.2, 1.2
+
+
 def training_sigmas(model_patcher, sample_steps: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise levels from the model's own schedule: a short schedule to sample the concept's
-    examples with (descending, ending at 0) and the levels to train at."""
+    examples with (descending, ending at 0), and a table of levels whose uniform draw is how the
+    model was trained, for stage 2 to train at.
+
+    A discrete-time model (SD1.x, SD2.x, SDXL) was trained at timesteps drawn uniformly: its
+    table of 1000 levels. A continuous EDM model's table is spaced evenly in log σ from its
+    smallest to its largest level; drawing from it would spend half the steps where the picture
+    is already decided or not begun (measured on the toy: the erase and attack losses were
+    ~0), so it gets 1000 quantiles of EDM's training distribution, within its range."""
     sampling = model_patcher.get_model_object("model_sampling")
     sample = comfy.samplers.calculate_sigmas(sampling, "karras", sample_steps).float().cpu()
-    return sample, sample[:-1]
+    if isinstance(sampling, comfy.model_sampling.ModelSamplingContinuousEDM):
+        quantiles = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000
+        log_sigma = EDM_LOG_SIGMA_MEAN + EDM_LOG_SIGMA_STD * math.sqrt(2) * torch.special.erfinv(2 * quantiles - 1)
+        table = log_sigma.exp().clamp(float(sampling.sigma_min), float(sampling.sigma_max)).float()
+    else:
+        table = sampling.sigmas.float().cpu()
+    return sample, table
 
 
 def default_compute(model_patcher) -> TrainingCompute:
