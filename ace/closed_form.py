@@ -8,8 +8,8 @@ request stacked, solve
 
 whose solution is ΔW = W M with M = (N − C)ᵀC/n · G⁻¹ and G = CᵀC/n + λ_p PᵀP/m + λ I.
 `M` does not depend on `W`, so it is solved once for the request (a linear solve, never an
-inverse) and every layer only truncates `W M` to rank `r × concepts` (eq. in `ace-method.md`,
-stage 1). One joint edit, as UCE solves it: each concept's pairs are fitted knowing the others'
+inverse) and every layer only truncates `W M` to rank `r × concepts` (`docs/method.md`, section
+3). One joint edit, as UCE solves it: each concept's pairs are fitted knowing the others'
 and the preserve set, instead of one edit per concept summed where their gates overlap.
 
 Then, for `adversarial_rounds` rounds, the closed-form adversarial embeddings of the concept's
@@ -17,8 +17,7 @@ own tokens against the current edit (`adversarial_embeddings`, as RECE derives t
 attacker would move the concept so that the edited keys and values still reproduce it) join `C`,
 paired with the same neutral embeddings, and the edit is solved again.
 
-Each concept's gate looks at the directions where its tokens (and its adversarial embeddings)
-differ from their neutral counterparts far more than preserve embeddings vary: the top
+Each concept's gate looks at the directions where its own tokens differ from their neutral counterparts far more than preserve embeddings vary: the top
 generalized eigenvectors of Σ_D u = μ (Σ_P + εI) u. Its threshold and temperature are set in
 closed form from the scores of the two sets: 0.95 at the 10th percentile of the concept's own
 tokens and 0.05 at the 99.9th percentile of the preserve tokens. The adapter routes the gates:
@@ -42,11 +41,11 @@ LOGIT_HIGH = math.log(GATE_HIGH / (1 - GATE_HIGH))
 
 @dataclass(frozen=True)
 class ClosedFormConfig:
-    rank: int = 64  # per concept and projection (stage 1 on the causal toy: benchmark/README.md)
+    rank: int = 64  # per concept and projection: the joint edit's rank is rank × concepts, up to max_rank
     max_rank: int = 256  # of the joint edit, whatever the number of concepts
     gate_rank: int = 8  # dimensions of each concept's gate subspace
     adversarial_rounds: int = 2  # rounds of closed-form adversarial embeddings (0: none)
-    preserve_weight: float = 0.1  # λ_p: the gates keep preserve tokens out of the edit, so it can fit the concept
+    preserve_weight: float = 1.0  # λ_p: the gates are not selective enough on near concepts to carry it alone (docs/method.md, section 7)
     ridge: float = 1e-3  # λ, relative to the mean energy of the concept embeddings
     on_quantile: float = 0.1  # of the concept's own tokens' scores, where the gate reaches 0.95
     off_quantile: float = 0.999  # of preserve-token scores, where the gate falls to 0.05

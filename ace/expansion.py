@@ -14,8 +14,12 @@ and "sphere" for a circle). Those words are found in the model itself, never in 
    minus its prediction for the neutral prompt, at a few noise levels and noise draws) is compared
    with its response to the concept. A word is the concept when its response is closer to the
    concept's than `accept_ratio` times the closest of the concepts the request keeps (calibrated on
-   the model itself: a kept concept is by definition not the erased one), or than
-   `accept_distance` when the request keeps nothing.
+   the model itself: a kept concept is by definition not the erased one), and never farther than
+   `accept_distance`. The bound matters when every kept concept is far from the erased one: on
+   the causal toy, erasing "circle" while keeping three coloured shapes put the closest kept
+   concept at 1.76, and the ratio alone accepted "shapes" (0.47) and, for the made-up name
+   "Vexmoor", ten unrelated words (0.75-0.85), while the concept's real other words sit below
+   0.25 ("circles" 0.07, "disc" 0.10, "orb" 0.14, "sphere" 0.20).
 
 Found words join the concept as synonyms: stage 0 collects their tokens, the joint edit maps them
 onto the anchor and the concept's gate opens on them; they also leave the everyday preserve pool.
@@ -40,7 +44,7 @@ class ExpansionConfig:
     candidates: int = 48  # of those, the words nearest in value space that the network is asked about
     max_words: int = 12  # found words added to a concept at most (the closest responses first)
     accept_ratio: float = 0.75  # of the response distance of the closest kept concept
-    accept_distance: float = 0.4  # relative response distance, when the request keeps nothing
+    accept_distance: float = 0.4  # relative response distance a word is never accepted beyond
     noise_draws: int = 8  # noise samples per noise level in the response test
     template: str = "a {}"
 
@@ -146,7 +150,7 @@ def expand(network: Network, request: ConceptRequest, cfg: ExpansionConfig = Exp
             distance = ((r - r[0]).norm(dim=1) / r[0].norm().clamp_min(1e-12)).tolist()
             kept_distance = list(zip(kept, distance[1 + len(candidates):]))
             closest = min(kept_distance, key=lambda x: x[1]) if kept_distance else None
-            threshold = cfg.accept_ratio * closest[1] if closest else cfg.accept_distance
+            threshold = min(cfg.accept_ratio * closest[1], cfg.accept_distance) if closest else cfg.accept_distance
             accepted = sorted((d, w) for w, d in zip(candidates, distance[1:1 + len(candidates)]) if d < threshold)
             result.found[concept.target] = [(w, d) for d, w in accepted[: cfg.max_words]]
             taken |= {w.lower() for w, _ in result.found[concept.target]}

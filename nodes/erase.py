@@ -161,7 +161,7 @@ class ClosedFormErasure(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="The CLIP loaded with this model."),
                 Concepts_.Input("concepts", tooltip="From ACE Concept List."),
                 io.Int.Input("rank", default=64, min=1, max=256, tooltip="Rank of the edit per concept and layer (the joint edit: rank x concepts, at most 256); higher fits the concept more closely."),
-                io.Float.Input("preserve_weight", default=0.1, min=0.0, max=100.0, step=0.01, tooltip="How hard the edit itself avoids changing the preserve concepts and everyday prompts (the gates already keep them out of it); raise it for a more specific LoRA export."),
+                io.Float.Input("preserve_weight", default=1.0, min=0.0, max=100.0, step=0.01, tooltip="How hard the edit itself avoids changing the preserve concepts and everyday prompts, beside the gates; lower fits the concept more closely and changes near concepts more."),
                 io.Boolean.Input("expand", default=True, optional=True, tooltip="Also erase the other words the model draws each concept from, found in the model itself. Off: only the words of the list."),
             ],
             outputs=[Erasure_.Output(display_name="ERASURE", tooltip="The closed-form erasure.")],

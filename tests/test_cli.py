@@ -128,8 +128,21 @@ def test_erase_the_toy_model_from_a_concept_file(tmp_path):
     erase = [r for r in report["prompts"] if r["group"] == "erase"]
     keep = [r for r in report["prompts"] if r["group"] == "keep"]
     assert min(r["gate_max"] for r in erase) > max(r["gate_max"] for r in keep)
-    # The toy model's text encoder is a real (pretrained) one: the circles change, the rest barely.
-    assert report["summary"]["erase"]["image_change"] > 5 * report["summary"]["keep"]["image_change"]
+    # What the pictures show, by the toy benchmark's judge: the circles are gone, every kept shape
+    # is still drawn. (Pixels alone would not say it: the kept yellow ring is redrawn a little
+    # shifted, a larger mean pixel change than the erased "a blue circle".)
+    from runner.demo import load_pictures
+    from toy.classifier import classify, load_classifier
+
+    judge = load_classifier()
+    for group, rows in (("erase", erase), ("keep", keep)):
+        for r, (base, erased) in zip(rows, [(eval_dir / f"{group}-{i:02d}-base.png", eval_dir / f"{group}-{i:02d}-erased.png")
+                                            for i in range(1, len(rows) + 1)]):
+            before, after = classify(judge, load_pictures([base, erased]))["object"]
+            if group == "erase":
+                assert before == "circle" != after, (r["prompt"], before, after)
+            else:
+                assert before == after == r["prompt"].split()[-1], (r["prompt"], before, after)
 
 
 def test_erase_the_toy_model_from_a_preset_plus_typed_concepts(tmp_path):
@@ -141,8 +154,11 @@ def test_erase_the_toy_model_from_a_preset_plus_typed_concepts(tmp_path):
         "--eval", write_prompts(tmp_path / "prompts.json", **prompts), "--eval-dir", eval_dir, "--sample-steps", 4,
     ))
     erasure = load_erasure(str(tmp_path / "no_entities.safetensors"))
+    # the preset's concepts, then the typed one; each with the words expansion found after its own
+    found = erasure.info["expansion"]["found"]
     assert [(c.target, c.synonyms) for c in erasure.request.concepts] == [
-        ("Vexmoor", ()), ("Quillane", ()), ("Brontel", ()), ("Zarnika", ()), ("circle", ("disc",))]
+        (name, tuple(w for w, _ in found[name])) for name in ("Vexmoor", "Quillane", "Brontel", "Zarnika")
+    ] + [("circle", ("disc", *(w for w, _ in found["circle"])))]
     # The preset's preserve list, less 'a red circle', which names the typed concept.
     assert erasure.request.preserve == ("a yellow hourglass", "a blue square", "a green triangle")
     report = check_eval(eval_dir, run.stdout, prompts)
