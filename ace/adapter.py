@@ -189,15 +189,21 @@ class GatedAdapter(ProjectionEdit):
         temperature = self._like(self.gate_log_temperature, e).exp()
         return torch.sigmoid((s - threshold) / temperature)
 
-    def routed_gate(self, x: torch.Tensor) -> torch.Tensor:
-        """How much of the edit each token gets, `[..., d]` -> `[..., 1]`: the largest gate (over
-        the prompt too, for the prompt scope)."""
-        g = self.gate(x).amax(dim=-1, keepdim=True)
+    def scoped_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Each concept's gate as the gate scope spreads it over a prompt, `[..., L, d]` ->
+        `[..., L, K]`: per token ("token"), the largest before and at the token ("causal": a token
+        of a causal encoder carries every word before it), the prompt's largest ("prompt")."""
+        g = self.gate(x)
         if x.dim() >= 3 and self.gate_scope == "prompt":  # [B, L, d]: prompts of L tokens
-            g = g.amax(dim=-2, keepdim=True)  # the prompt's largest gate, at every position
+            g = g.amax(dim=-2, keepdim=True).expand_as(g)
         elif x.dim() >= 3 and self.gate_scope == "causal":
-            g = torch.cummax(g, dim=-2).values  # a token carries every concept before it
+            g = torch.cummax(g, dim=-2).values
         return g
+
+    def routed_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """How much of the edit each token gets, `[..., d]` -> `[..., 1]`: the largest of the
+        concepts' scoped gates (the concept that fires hardest decides)."""
+        return self.scoped_gates(x).amax(dim=-1, keepdim=True)
 
     def delta(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """The edit added to projection `index` for input tokens `x` `[..., d]`."""

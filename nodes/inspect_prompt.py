@@ -30,8 +30,9 @@ class Token:
 @dataclass(frozen=True)
 class PromptGates:
     """One prompt's gates: `gates[i, k]` is concept k's gate on token i; `applied[i, k]` the gate the
-    edit uses there (the same per token, or the prompt's largest gate at every position for a
-    text encoder that reads both ways, see `ace.families.GATE_SCOPES`); the edit adds
+    edit uses there, as the family's gate scope spreads it (`GatedAdapter.scoped_gates`: per token,
+    the largest at or before the token for a causal encoder, the prompt's largest for one that
+    reads both ways); the edit adds
     `strengths[k] · applied[i, k]` of the change."""
 
     prompt: str
@@ -76,7 +77,7 @@ def inspect_prompt(clip, erasures: list[AppliedErasure], prompt: str) -> PromptG
         for e in erasures:
             g = e.adapter.gate(cond)  # [L, K]
             gates.append(g)
-            applied.append(g.amax(dim=0, keepdim=True).expand_as(g) if e.adapter.gate_scope == "prompt" else g)
+            applied.append(e.adapter.scoped_gates(cond[None])[0])  # as the edit spreads it (gate scope)
             strengths += [float(e.adapter.strength)] * g.shape[1]
     return PromptGates(prompt, tokens, torch.cat(gates, dim=1), torch.cat(applied, dim=1), strengths)
 
@@ -114,10 +115,12 @@ def split_prompts(text: str) -> list[str]:
 
 
 def verdict(result: PromptGates, names: list[str]) -> str:
-    """One line: which concepts the edit acts on in this prompt, and on which token."""
+    """One line: which concepts the edit acts on in this prompt, strongest first, and on which token.
+    Gates of several erased concepts can fire on one word; the edit is one, applied once at the
+    largest gate, so the first concept named is the one that decides."""
     best = result.applied.amax(dim=0)  # per gate: what the edit uses at most
     where = result.gates.argmax(dim=0)  # the token that looks most like the concept
-    acting = [k for k in range(len(names)) if best[k] >= FIRES]
+    acting = sorted((k for k in range(len(names)) if best[k] >= FIRES), key=lambda k: -float(best[k]))
     if not acting:
         k = int(best.argmax())
         return f"untouched: no concept's gate reaches {FIRES} (largest {float(best[k]):.2f}, {names[k]})"
@@ -132,6 +135,8 @@ def report_text(results: list[PromptGates], names: list[str], scopes: set[str]) 
     lines += [f"  [{k + 1}] {name}" for k, name in enumerate(names)]
     if "prompt" in scopes:
         lines.append("  This model's text encoder reads both ways: the prompt's largest gate applies at every token.")
+    if "causal" in scopes:
+        lines.append("  This model's text encoder reads left to right: a token gets the largest gate at or before it.")
     for n, r in enumerate(results, 1):
         lines += ["", f"prompt {n}: {r.prompt}", f"  {verdict(r, names)}",
                   "  " + f"{'token':<16}" + "".join(f"{f'[{k + 1}]':>7}" for k in range(len(names)))]

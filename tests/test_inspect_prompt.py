@@ -3,6 +3,8 @@
 from an ERASURE and from an erased MODEL; its picture and its errors."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -50,7 +52,8 @@ def test_the_report_says_which_prompts_the_erasure_acts_on_and_where(toy_erased)
     assert "reads both ways: the prompt's largest gate applies at every token" in lines[1 + len(names)]
     brontel, circle = names[gate_of(names, "Brontel")], names[gate_of(names, "circle")]
     said = verdicts(report)
-    assert said[0].startswith(f"the edit acts: {brontel} (") and said[0].endswith(" at bro)")
+    # strongest first: other erased names' gates may fire too (the edit is one, applied once)
+    assert re.match(rf"the edit acts: {brontel} \(\d\.\d\d at bro\)", said[0]), said[0]
     # A wording the preset does not list is caught too: the inspector shows it before rendering.
     assert said[1].startswith(f"the edit acts: {brontel} (")
     assert f"{circle} (" in said[2] and said[2].startswith("the edit acts: ")
@@ -67,7 +70,7 @@ def test_gates_per_token_are_the_adapters_on_what_the_model_receives(toy_erased,
     assert {t.kind for t in result.tokens[8:]} == {"pad"} and len(result.tokens) == 24
     cond = clip.encode_from_tokens(clip.tokenize("a picture of Brontel"))[0].float()
     assert torch.allclose(result.gates, erasure.adapter.gate(cond), atol=1e-6)
-    # The toy's encoder reads both ways: every position gets the prompt's largest gate.
+    # This toy's encoder reads both ways: every position gets the prompt's largest gate.
     assert torch.allclose(result.applied, result.gates.amax(dim=0).expand_as(result.gates))
     assert result.gates[4, gate_of(erasure.gate_names(), "Brontel")] >= inspect.FIRES
     spared = inspect.inspect_prompt(clip, [source], "a yellow hourglass")
