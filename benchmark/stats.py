@@ -42,7 +42,8 @@ def wilson(successes: int, n: int) -> Interval:
     denominator = 1 + Z95 ** 2 / n
     centre = (p + Z95 ** 2 / (2 * n)) / denominator
     half = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / denominator
-    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), n)
+    # at 0 or n successes one end is exactly p; rounding must not leave p outside its interval
+    return Interval(p, min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)), n)
 
 
 def share(outcomes: list[bool]) -> Interval:

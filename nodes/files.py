@@ -97,7 +97,7 @@ class ExportLoRA(io.ComfyNode):
                 io.String.Input("file_name", default="ace_erasure_lora", tooltip="A plain file name (no folders); .safetensors is added."),
                 io.Float.Input("strength", default=1.0, min=-2.0, max=2.0, step=0.05, tooltip="Baked into the LoRA's weights."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace a file of the same name."),
-                io.Int.Input("rank", default=0, min=0, max=1024, optional=True, tooltip="0: exact, each concept's edit side by side (the rank grows with the number of concepts). Any other value: the edits of all concepts compressed together to this rank (SVD); the node reports the error."),
+                io.Int.Input("rank", default=0, min=0, max=1024, optional=True, tooltip="0: exact, the joint edit at its full rank (64 per concept, up to 256). Any other value: the edits of all concepts compressed together to this rank (SVD); the node reports the error."),
             ],
             outputs=[io.String.Output(display_name="LORA_NAME", tooltip="The LoRA's name as LoraLoader lists it.")],
             is_output_node=True,

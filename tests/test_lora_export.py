@@ -8,29 +8,30 @@ from safetensors import safe_open
 
 from comfy_harness import pack, run_graph, tiny_sd2_model
 
-SLOTS, RANK = 3, 4  # three concepts of rank 4: an exact LoRA of rank 12
+CONCEPTS, RANK = 3, 12  # three concepts, one joint edit of rank 12: an exact LoRA of rank 12
 
 
 def random_erasure(model, seed: int = 0):
-    """An erasure of three concepts whose adapter holds random edits for every cross-attention
-    projection of `model` (what the export does depends on the adapter, not on how it was fitted)."""
+    """An erasure of three concepts whose adapter holds a random joint edit for every
+    cross-attention projection of `model` (what the export does depends on the adapter, not on how
+    it was fitted)."""
     ace, comfy_models = pack().ace, pack().nodes.comfy_models
     projections = comfy_models.check_model(model)
     g = torch.Generator().manual_seed(seed)
-    d, K, kg = projections[0].in_features, SLOTS, 2
+    d, K, kg = projections[0].in_features, CONCEPTS, 2
     adapter = ace.adapter.GatedAdapter(
         projections, gate_basis=torch.randn(K, d, kg, generator=g), gate_center=torch.zeros(K, d),
         gate_threshold=torch.zeros(K), gate_log_temperature=torch.zeros(K),
-        lora_down=[torch.randn(K, RANK, p.in_features, generator=g) / p.in_features ** 0.5 for p in projections],
-        lora_up=[torch.randn(K, p.out_features, RANK, generator=g) / RANK ** 0.5 for p in projections])
+        lora_down=[torch.randn(RANK, p.in_features, generator=g) / p.in_features ** 0.5 for p in projections],
+        lora_up=[torch.randn(p.out_features, RANK, generator=g) / RANK ** 0.5 for p in projections])
     request = ace.concepts.parse_request("snoopy\nvan gogh\nmonet", "a picture")
-    return ace.erasure.Erasure(comfy_models.family_of(model), request, adapter, [[0], [1], [2]],
-                               comfy_models.num_res_blocks(model), {"prediction": comfy_models.prediction_type(model)})
+    return ace.erasure.Erasure(comfy_models.family_of(model), request, adapter, comfy_models.num_res_blocks(model),
+                               {"prediction": comfy_models.prediction_type(model)})
 
 
 def open_gate_delta(erasure, index: int, strength: float = 1.0) -> torch.Tensor:
     a = erasure.adapter
-    return strength * torch.einsum("kor,krd->od", a.lora_up[index].detach(), a.lora_down[index].detach())
+    return strength * a.lora_up[index].detach() @ a.lora_down[index].detach()
 
 
 def lora_pair(lora, key_prefix: str):
@@ -41,7 +42,7 @@ def test_exact_and_compressed_lora_with_their_error(sdxl_model):
     files = pack().ace.files
     erasure = random_erasure(sdxl_model)
     exact = files.portable_lora(erasure, strength=0.5)
-    assert exact.rank == SLOTS * RANK and exact.max_error == 0.0
+    assert exact.rank == RANK and exact.max_error == 0.0
     compressed = files.portable_lora(erasure, strength=0.5, rank=5)
     assert compressed.rank == 5 and 0 < compressed.mean_error <= compressed.max_error < 1
     for i, p in enumerate(erasure.projections):
@@ -111,7 +112,7 @@ def test_export_node_compresses_to_the_asked_rank_and_reports_the_error(tiny_sd1
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_sd15_name}},
         "2": {"class_type": "ACEErasure_EraseConcept", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "concepts": "snoopy\nvan gogh", "anchor": "a picture",
-            "preserve": "", "strength": 1.0, "steps": 0, "seed": 0}},
+            "preserve": "", "strength": 1.0, "steps": 0, "seed": 0, "expand": False}},
         "ex": {"class_type": "ACEErasure_ExportLoRA", "inputs": {
             "erasure": ["2", 1], "file_name": "two_concepts_rank8", "strength": 1.0, "overwrite": True, "rank": 8}},
     }
@@ -161,9 +162,10 @@ def test_diffusers_loads_the_lora_and_reproduces_the_open_gate_output(tiny_sd15,
     model, clip, _ = tiny_sd15
     request = ace.concepts.parse_request("snoopy\nvan gogh", "a picture")
     erasure = pack().nodes.erase.erase_from_model(model, clip, request, ace.closed_form.ClosedFormConfig(rank=4),
-                                                  ace.finetune.FinetuneConfig(steps=0))
-    opened = ace.erasure.Erasure(erasure.family, erasure.request, _open(erasure.adapter), erasure.slots,
-                                 erasure.num_res_blocks, erasure.info)
+                                                  ace.finetune.FinetuneConfig(steps=0),
+                                                  expansion=ace.expansion.ExpansionConfig(enabled=False))
+    opened = ace.erasure.Erasure(erasure.family, erasure.request, _open(erasure.adapter), erasure.num_res_blocks,
+                                 erasure.info)
     context = clip.encode_from_tokens(clip.tokenize("a painting by van gogh")).float().cpu()
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500.0])

@@ -121,10 +121,10 @@ def fine_tune_graph(tiny_sd15_name, **options):
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_sd15_name}},
         "c": {"class_type": "ACEErasure_ConceptList", "inputs": {"concepts": "snoopy", "anchor": "a dog", "preserve": ""}},
-        "s1": {"class_type": "ACEErasure_ClosedForm", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["c", 0], "rank": 4, "preserve_weight": 1.0}},
+        "s1": {"class_type": "ACEErasure_ClosedForm", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concepts": ["c", 0], "rank": 4, "preserve_weight": 1.0, "expand": False}},
         "s2": {"class_type": "ACEErasure_FineTune", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "erasure": ["s1", 0], "steps": 2, "learning_rate": 5e-3,
-            "adversarial_weight": 1.0, "preserve_weight": 1.0, "attack_radius": 0.1, "resolution": 64, "seed": 0,
+            "adversarial_weight": 1.0, "preserve_weight": 1.0, "guidance": 1.0, "resolution": 64, "seed": 0,
             **options}},
         "curve": {"class_type": "PreviewImage", "inputs": {"images": ["s2", 1]}},
     }

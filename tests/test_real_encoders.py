@@ -132,7 +132,7 @@ def test_closed_form_and_gate_on_the_real_encoders(request, family):
         assert gate(prompts[1]).max() < 0.1  # no token of an everyday prompt
     assert closed.stats[0]["relative_residual"] < 0.95  # closer to the anchor than before (1.0)
 
-    erasure = ace.erasure.Erasure(family, request_, closed.adapter, closed.slots, network.num_res_blocks)
+    erasure = ace.erasure.Erasure(family, request_, closed.adapter, network.num_res_blocks)
     erased = comfy_models.with_erasure(model, erasure, 1.0)
     device = model.load_device
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(device)

@@ -41,7 +41,7 @@ SAVED_IMAGES = {
     "ACE 4 - In a text-to-image graph": [(64, 64)],
     "ACE 5 - Step by step": [(224, 64)],
     # The gates picture of ACE Inspect Prompt: its size follows the prompts' tokens and the
-    # erasure's slots (see test_the_preset_workflow_says_which_prompts_it_erases).
+    # erasure's concepts (see test_the_preset_workflow_says_which_prompts_it_erases).
     "ACE 6 - Presets and prompt check": None,
 }
 
