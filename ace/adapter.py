@@ -189,21 +189,24 @@ class GatedAdapter(ProjectionEdit):
         temperature = self._like(self.gate_log_temperature, e).exp()
         return torch.sigmoid((s - threshold) / temperature)
 
-    def scoped_gates(self, x: torch.Tensor) -> torch.Tensor:
-        """Each concept's gate as the gate scope spreads it over a prompt, `[..., L, d]` ->
-        `[..., L, K]`: per token ("token"), the largest before and at the token ("causal": a token
-        of a causal encoder carries every word before it), the prompt's largest ("prompt")."""
-        g = self.gate(x)
-        if x.dim() >= 3 and self.gate_scope == "prompt":  # [B, L, d]: prompts of L tokens
-            g = g.amax(dim=-2, keepdim=True).expand_as(g)
-        elif x.dim() >= 3 and self.gate_scope == "causal":
-            g = torch.cummax(g, dim=-2).values
+    def spread(self, g: torch.Tensor) -> torch.Tensor:
+        """Gates of a prompt's tokens `[..., L, K]` as the gate scope spreads them: per token
+        ("token"), the largest at or before the token ("causal": a token of a causal encoder
+        carries every word before it), the prompt's largest ("prompt")."""
+        if self.gate_scope == "prompt":
+            return g.amax(dim=-2, keepdim=True).expand_as(g)
+        if self.gate_scope == "causal":
+            return torch.cummax(g, dim=-2).values
         return g
 
     def routed_gate(self, x: torch.Tensor) -> torch.Tensor:
         """How much of the edit each token gets, `[..., d]` -> `[..., 1]`: the largest of the
-        concepts' scoped gates (the concept that fires hardest decides)."""
-        return self.scoped_gates(x).amax(dim=-1, keepdim=True)
+        concepts' gates, spread over the prompt when `x` holds prompts `[B, L, d]` (the concept
+        that fires hardest decides)."""
+        g = self.gate(x)
+        if x.dim() >= 3:
+            g = self.spread(g)
+        return g.amax(dim=-1, keepdim=True)
 
     def delta(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """The edit added to projection `index` for input tokens `x` `[..., d]`."""

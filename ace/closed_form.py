@@ -17,10 +17,11 @@ own tokens against the current edit (`adversarial_embeddings`, as RECE derives t
 attacker would move the concept so that the edited keys and values still reproduce it) join `C`,
 paired with the same neutral embeddings, and the edit is solved again.
 
-Each concept's gate looks at the directions where its own tokens differ from their neutral counterparts far more than preserve embeddings vary: the top
-generalized eigenvectors of Σ_D u = μ (Σ_P + εI) u. Its threshold and temperature are set in
-closed form from the scores of the two sets: 0.95 at the 10th percentile of the concept's own
-tokens and 0.05 at the 99.9th percentile of the preserve tokens. The adapter routes the gates:
+Each concept's gate looks at the directions where its own tokens differ from their neutral
+counterparts far more than preserve embeddings vary: the top generalized eigenvectors of
+Σ_D u = μ (Σ_P + εI) u. Its threshold and temperature are set in closed form from the scores of
+the two sets: 0.95 at the 10th percentile of the concept's own tokens and 0.05 at the 99.9th
+percentile of the preserve tokens. The adapter routes the gates:
 the largest one decides how much of the joint edit a token gets (`adapter.GatedAdapter`).
 """
 from __future__ import annotations
@@ -45,7 +46,8 @@ class ClosedFormConfig:
     max_rank: int = 256  # of the joint edit, whatever the number of concepts
     gate_rank: int = 8  # dimensions of each concept's gate subspace
     adversarial_rounds: int = 2  # rounds of closed-form adversarial embeddings (0: none)
-    preserve_weight: float = 1.0  # λ_p: the gates are not selective enough on near concepts to carry it alone (docs/method.md, section 7)
+    # λ_p: the gates do not shut on near concepts, so the edit itself must spare them (docs/method.md, 7)
+    preserve_weight: float = 1.0
     ridge: float = 1e-3  # λ, relative to the mean energy of the concept embeddings
     on_quantile: float = 0.1  # of the concept's own tokens' scores, where the gate reaches 0.95
     off_quantile: float = 0.999  # of preserve-token scores, where the gate falls to 0.05

@@ -181,10 +181,9 @@ def finetune(
         for step in range(total):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step, total)
-            c = step % len(tokens.concepts)
+            turn, c = divmod(step, len(tokens.concepts))  # concepts take turns; `turn` counts each one's steps
             concept = tokens.concepts[c]
-            # every concept's own count of steps, so each gets its on-policy pictures whatever K is
-            if cfg.on_policy_every and (step // len(tokens.concepts)) % cfg.on_policy_every == cfg.on_policy_every - 1:
+            if cfg.on_policy_every and turn % cfg.on_policy_every == cfg.on_policy_every - 1:
                 pool[c].append(_on_policy(adapter, denoise, network, concept, generator, device))
             b = cfg.batch_size
             prompt = pick(len(concept.prompts), b)

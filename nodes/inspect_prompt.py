@@ -30,10 +30,9 @@ class Token:
 @dataclass(frozen=True)
 class PromptGates:
     """One prompt's gates: `gates[i, k]` is concept k's gate on token i; `applied[i, k]` the gate the
-    edit uses there, as the family's gate scope spreads it (`GatedAdapter.scoped_gates`: per token,
-    the largest at or before the token for a causal encoder, the prompt's largest for one that
-    reads both ways); the edit adds
-    `strengths[k] · applied[i, k]` of the change."""
+    edit uses there, as the family's gate scope spreads it (`GatedAdapter.spread`: per token, the
+    largest at or before the token for a causal encoder, the prompt's largest for one that reads
+    both ways); the edit adds `strengths[k] · applied[i, k]` of the change."""
 
     prompt: str
     tokens: list[Token]
@@ -77,7 +76,7 @@ def inspect_prompt(clip, erasures: list[AppliedErasure], prompt: str) -> PromptG
         for e in erasures:
             g = e.adapter.gate(cond)  # [L, K]
             gates.append(g)
-            applied.append(e.adapter.scoped_gates(cond[None])[0])  # as the edit spreads it (gate scope)
+            applied.append(e.adapter.spread(g))  # as the edit spreads it (gate scope)
             strengths += [float(e.adapter.strength)] * g.shape[1]
     return PromptGates(prompt, tokens, torch.cat(gates, dim=1), torch.cat(applied, dim=1), strengths)
 
