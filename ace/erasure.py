@@ -109,7 +109,9 @@ def fine_tune(
         with adapter.disabled():
             latents = [
                 sample_latents(denoise, c.concept_context[:training.images_per_concept].to(network.device),
-                               network.latent_shape, network.sample_sigmas, seed=training.seed + i)
+                               network.latent_shape, network.sample_sigmas, seed=training.seed + i,
+                               pooled=None if c.concept_pooled is None
+                               else c.concept_pooled[:training.images_per_concept].to(network.device))
                 for i, c in enumerate(tokens.concepts)
             ]
         result = finetune(adapter, denoise, network, tokens, latents, training, callback)

@@ -100,16 +100,20 @@ def responses(denoise, encoder, prompts: list[str], neutral: str, sigmas: torch.
     """Each prompt's denoiser response, D(x, σ, prompt) − D(x, σ, neutral), at every σ and noise
     draw, flattened: [len(prompts), …]."""
     generator = torch.Generator().manual_seed(0)
-    contexts = encoder.encode(prompts).to(device)
-    base = encoder.encode([neutral]).to(device)
+    contexts, pooled = encoder.encode_pooled([*prompts, neutral])
+    contexts = contexts.to(device)
+
+    def condition(i: int):  # prompt i's context and pooled text (if the model takes it), per draw
+        text = None if pooled is None else pooled[i:i + 1].to(device).expand(draws, -1)
+        return contexts[i:i + 1].expand(draws, -1, -1), text
+
     out = []
     with torch.no_grad():
         for sigma in sigmas.tolist():
             x = (torch.randn((draws, *latent_shape), generator=generator) * sigma).to(device)
             s = torch.full((draws,), sigma, device=device)
-            reference = denoise(x, s, base.expand(draws, -1, -1))
-            rows = [(denoise(x, s, contexts[i:i + 1].expand(draws, -1, -1)) - reference).flatten().cpu()
-                    for i in range(len(prompts))]
+            reference = denoise(x, s, *condition(len(prompts)))
+            rows = [(denoise(x, s, *condition(i)) - reference).flatten().cpu() for i in range(len(prompts))]
             out.append(torch.stack(rows))
     return torch.cat(out, dim=1)
 

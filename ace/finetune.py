@@ -167,6 +167,9 @@ def finetune(
     def usable(t: torch.Tensor) -> torch.Tensor:  # a normal tensor autograd may save, on device
         return (t.clone() if t.is_inference() else t).to(device)
 
+    def rows(pooled: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:  # pooled text, if any
+        return None if pooled is None else usable(pooled[index])
+
     with torch.inference_mode(False), torch.enable_grad():
         autograd_safe(adapter)
         adapter.requires_grad_(True)
@@ -184,36 +187,44 @@ def finetune(
             turn, c = divmod(step, len(tokens.concepts))  # concepts take turns; `turn` counts each one's steps
             concept = tokens.concepts[c]
             if cfg.on_policy_every and turn % cfg.on_policy_every == cfg.on_policy_every - 1:
-                pool[c].append(_on_policy(adapter, denoise, network, concept, generator, device))
+                pool[c].append(_on_policy(denoise, network, concept, generator, device))
             b = cfg.batch_size
             prompt = pick(len(concept.prompts), b)
             x0 = torch.stack([pool[c][i] for i in pick(len(pool[c]), b).tolist()]).to(device)
             sigma = train_sigmas[pick(len(train_sigmas), b)].to(device, x0.dtype)
             x_t = (x0 + torch.randn(x0.shape, generator=generator).to(device, x0.dtype) * sigma.view(-1, *[1] * (x0.dim() - 1))).detach()
-            ctx = usable(concept.concept_context[prompt])
-            p_ctx = preserve_context[pick(len(preserve_context), b).to(device)]
+            ctx, pooled = usable(concept.concept_context[prompt]), rows(concept.concept_pooled, prompt)
+            kept = pick(len(preserve_context), b)
+            p_ctx, p_pooled = preserve_context[kept.to(device)], rows(tokens.preserve_pooled, kept)
             weight = 1 / sigma.float().square()
 
             with torch.no_grad(), adapter.disabled():
-                original_concept = denoise(x_t, sigma, ctx)
-                original_neutral = denoise(x_t, sigma, usable(concept.neutral_context[prompt]))
-                original_preserve = denoise(x_t, sigma, p_ctx)
+                original_concept = denoise(x_t, sigma, ctx, pooled)
+                original_neutral = denoise(x_t, sigma, usable(concept.neutral_context[prompt]),
+                                           rows(concept.neutral_pooled, prompt))
+                original_preserve = denoise(x_t, sigma, p_ctx, p_pooled)
                 target = original_neutral - cfg.guidance * (original_concept - original_neutral)
 
-            losses = {"erase": (weight * _per_sample_mse(denoise(x_t, sigma, ctx), target)).mean()}
+            losses = {"erase": (weight * _per_sample_mse(denoise(x_t, sigma, ctx, pooled), target)).mean()}
             gate_terms = [_bce(adapter.gate(usable(concept.C[concept.is_phrase]))[:, c], 1.0),
                           _bce(adapter.gate(P[pick(len(P), 256).to(device)]), 0.0)]
             if soft[c] is not None:
                 chosen = target_prompts[c][pick(len(target_prompts[c]), b)]
                 texts = [concept.prompts[i] for i in chosen.tolist()]
+                # The soft word keeps the concept prompt's pooled text: the attack moves the tokens
+                # the cross-attention reads, which is what the edit acts on.
+                chosen_pooled = rows(concept.concept_pooled, chosen)
                 with torch.no_grad(), adapter.disabled():
-                    original_target = denoise(x_t, sigma, usable(concept.concept_context[chosen]))
-                    neutral_target = denoise(x_t, sigma, usable(concept.neutral_context[chosen]))
-                adv = _attack(adapter, denoise, network, soft[c], texts, x_t, sigma, original_target, weight, cfg)
+                    original_target = denoise(x_t, sigma, usable(concept.concept_context[chosen]), chosen_pooled)
+                    neutral_target = denoise(x_t, sigma, usable(concept.neutral_context[chosen]),
+                                             rows(concept.neutral_pooled, chosen))
+                adv = _attack(adapter, denoise, network, soft[c], texts, x_t, sigma, chosen_pooled, original_target,
+                              weight, cfg)
                 adv_target = neutral_target - cfg.guidance * (original_target - neutral_target)
-                losses["adversarial"] = (weight * _per_sample_mse(denoise(x_t, sigma, adv), adv_target)).mean()
+                losses["adversarial"] = (weight * _per_sample_mse(denoise(x_t, sigma, adv, chosen_pooled),
+                                                                  adv_target)).mean()
                 gate_terms.append(_bce(adapter.gate(adv[usable(phrase_masks[c][chosen])])[:, c], 1.0))
-            losses["preserve"] = (weight * _per_sample_mse(denoise(x_t, sigma, p_ctx), original_preserve)).mean() \
+            losses["preserve"] = (weight * _per_sample_mse(denoise(x_t, sigma, p_ctx, p_pooled), original_preserve)).mean() \
                 + _anchor(adapter, weights, P[pick(len(P), 256).to(device)])
             losses["gate"] = sum(gate_terms) / len(gate_terms)
             total_loss = (losses["erase"] + cfg.adversarial_weight * losses.get("adversarial", 0.0)
@@ -234,7 +245,8 @@ def finetune(
     return result
 
 
-def _attack(adapter, denoise, network, soft: SoftWord, texts, x_t, sigma, original_concept, weight, cfg) -> torch.Tensor:
+def _attack(adapter, denoise, network, soft: SoftWord, texts, x_t, sigma, pooled, original_concept, weight,
+            cfg) -> torch.Tensor:
     """`cfg.attack_steps` Adam steps on the soft word towards the original model's prediction of
     the concept through the edited model; returns the context it makes now (detached)."""
     for p in adapter.parameters():
@@ -242,7 +254,7 @@ def _attack(adapter, denoise, network, soft: SoftWord, texts, x_t, sigma, origin
     try:
         for _ in range(cfg.attack_steps):
             context = network.encoder.encode_soft(texts, soft.phrase, soft.vectors)
-            loss = (weight * _per_sample_mse(denoise(x_t, sigma, context), original_concept)).mean()
+            loss = (weight * _per_sample_mse(denoise(x_t, sigma, context, pooled), original_concept)).mean()
             soft.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             soft.optimizer.step()
@@ -262,12 +274,14 @@ def _anchor(adapter: GatedAdapter, weights: list[torch.Tensor], P: torch.Tensor)
     return moved / kept.clamp_min(1e-12)
 
 
-def _on_policy(adapter, denoise, network: Network, concept, generator, device) -> torch.Tensor:
+def _on_policy(denoise, network: Network, concept, generator, device) -> torch.Tensor:
     """One picture of the concept drawn by the edited model, as a clean latent."""
     prompt = int(torch.randint(0, len(concept.prompts), (1,), generator=generator))
-    context = concept.concept_context[prompt:prompt + 1].to(device)
-    return sample_latents(denoise, context, network.latent_shape, network.sample_sigmas,
-                          seed=int(torch.randint(0, 2**31, (1,), generator=generator)))[0]
+    one = slice(prompt, prompt + 1)
+    pooled = None if concept.concept_pooled is None else concept.concept_pooled[one].to(device)
+    return sample_latents(denoise, concept.concept_context[one].to(device), network.latent_shape,
+                          network.sample_sigmas, seed=int(torch.randint(0, 2**31, (1,), generator=generator)),
+                          pooled=pooled)[0]
 
 
 @torch.no_grad()
@@ -277,13 +291,15 @@ def sample_latents(
     shape: tuple[int, ...],
     sigmas: torch.Tensor,
     seed: int = 0,
+    pooled: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Latents `[len(context), *shape]` generated by Euler steps along `sigmas` (descending,
-    ending at 0): the "few generated examples" of the concept that stage 2 trains on."""
+    ending at 0): the "few generated examples" of the concept that stage 2 trains on. `pooled`:
+    the prompts' pooled text, for models that take it."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((len(context), *shape), generator=generator).to(context.device) * sigmas[0]
     for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
         s = sigma.expand(len(x)).to(x)
-        denoised = denoise(x, s, context)
+        denoised = denoise(x, s, context, pooled)
         x = x + (x - denoised) / sigma * (next_sigma - sigma)
     return x

@@ -14,10 +14,11 @@ import torch
 from .families import Projection
 from .tokens import TextEncoder
 
-# D(x_t, σ, context) -> the network's estimate of the clean latent x_0. A host whose model also
-# takes pooled text (SDXL) accepts it as a fourth argument, D(x_t, σ, context, pooled), and builds
-# the model's extra conditioning from it as the model's own sampling does.
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# D(x_t, σ, context, pooled) -> the network's estimate of the clean latent x_0. `pooled` is the
+# prompts' pooled text `[n, p]` (`TextEncoder.encode_pooled`) for a model that takes it (SDXL),
+# from which the host builds the model's extra conditioning as its own sampling does; None for
+# the others.
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 

@@ -85,7 +85,8 @@ class TextEncoder(Protocol):
     """What stage 0 needs from a model's text encoder.
 
     `encode` returns the token embeddings the UNet's cross-attention receives, `[n, L, d]`, with
-    every prompt padded to the same length `L`. `count_tokens` counts a text's tokens without the
+    every prompt padded to the same length `L`; `encode_pooled` returns them with the pooled text
+    embedding `[n, p]` that models such as SDXL also receive (None for a model that takes none). `count_tokens` counts a text's tokens without the
     start/end markers; `start_tokens` is the number of tokens before a prompt's first word
     (1 for CLIP's start-of-text token). For concept expansion (`expansion.py`): `vocabulary`
     lists the encoder's whole words, `static_embeddings` their input token embeddings (no forward
@@ -99,6 +100,8 @@ class TextEncoder(Protocol):
     start_tokens: int
 
     def encode(self, prompts: Sequence[str]) -> torch.Tensor: ...
+
+    def encode_pooled(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def count_tokens(self, text: str) -> int: ...
 
@@ -120,7 +123,8 @@ class ConceptTokens:
     `concept_context`/`neutral_context` are whole prompts `[T, L, d]` (template t with the
     concept, and with the anchor); `concept_mask` `[T, L]` marks the positions that carry the
     concept; `concept_index`/`neutral_index` `[n, 2]` hold the aligned (prompt, position) pairs
-    whose embeddings are the columns of `C` and `N`.
+    whose embeddings are the columns of `C` and `N`. `concept_pooled`/`neutral_pooled` `[T, p]`
+    are the prompts' pooled text for models that take it (SDXL), else None.
     """
 
     concept: Concept
@@ -132,6 +136,8 @@ class ConceptTokens:
     concept_index: torch.Tensor
     neutral_index: torch.Tensor
     is_phrase: torch.Tensor
+    concept_pooled: torch.Tensor | None = None
+    neutral_pooled: torch.Tensor | None = None
 
     @property
     def C(self) -> torch.Tensor:
@@ -162,6 +168,7 @@ class RequestTokens:
     concepts: list[ConceptTokens]
     preserve_prompts: list[str]
     preserve_context: torch.Tensor  # [Tp, L, d]: preserve concepts in templates, and everyday prompts
+    preserve_pooled: torch.Tensor | None = None  # [Tp, p]: their pooled text (SDXL), else None
 
     @property
     def P(self) -> torch.Tensor:
@@ -179,10 +186,12 @@ def _prefix_tokens(encoder: TextEncoder, template: str) -> int:
     return encoder.start_tokens + (encoder.count_tokens(prefix) if prefix else 0)
 
 
-def _encode(encoder: TextEncoder, prompts: list[str], batch: int = 32) -> torch.Tensor:
+def _encode(encoder: TextEncoder, prompts: list[str], batch: int = 32) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context `[n, L, d]`, pooled `[n, p]` or None), float32."""
     with torch.no_grad():
-        parts = [encoder.encode(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]
-    return torch.cat(parts).float()
+        parts = [encoder.encode_pooled(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]
+    pooled = None if parts[0][1] is None else torch.cat([p for _, p in parts]).float()
+    return torch.cat([c for c, _ in parts]).float(), pooled
 
 
 def collect_concept(
@@ -202,8 +211,8 @@ def collect_concept(
             neutral_prompts.append(fill(template, concept.anchor))
             starts.append(_prefix_tokens(encoder, template))
             lengths.append(n_phrase)
-    concept_context = _encode(encoder, prompts)
-    neutral_context = _encode(encoder, neutral_prompts)
+    concept_context, concept_pooled = _encode(encoder, prompts)
+    neutral_context, neutral_pooled = _encode(encoder, neutral_prompts)
     T, L, _ = concept_context.shape
 
     concept_mask = torch.zeros(T, L, dtype=torch.bool)
@@ -235,6 +244,8 @@ def collect_concept(
         torch.tensor(concept_index),
         torch.tensor(neutral_index),
         torch.tensor(is_phrase),
+        concept_pooled,
+        neutral_pooled,
     )
 
 
@@ -256,4 +267,4 @@ def collect_request(
     concepts = [collect_concept(encoder, c, templates, request.preserve, all_positions) for c in request.concepts]
     preserve_prompts = [fill(t, p) for p in request.preserve for t in templates]
     preserve_prompts += [p for p in everyday_prompts if not _mentions(p, request)]
-    return RequestTokens(concepts, preserve_prompts, _encode(encoder, preserve_prompts))
+    return RequestTokens(concepts, preserve_prompts, *_encode(encoder, preserve_prompts))

@@ -477,7 +477,7 @@ def test_stage2_trains_a_half_precision_network(encoder, dtype):
     _, tokens, adapter, _ = stage1(encoder, net)
     assert adapter.lora_down[0].dtype == torch.float32
 
-    def denoise(x, sigma, context):
+    def denoise(x, sigma, context, pooled=None):
         return net(x.to(dtype), sigma.to(dtype), context.to(dtype)).float()
 
     with adapter.attached(net):

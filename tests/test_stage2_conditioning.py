@@ -71,6 +71,47 @@ def test_sdxl_stage2_feeds_the_unet_the_pooled_text_and_size_conditioning_of_sam
     assert same.tolist() == [True, False, True, True, True, False]
 
 
+def test_sdxl_stage2_trains_on_each_prompts_pooled_text(sdxl_model, sdxl_clip):
+    """Every UNet call of stage 2 on SDXL (the examples drawn before training, on-policy pictures,
+    the erase, adversarial and preserve terms) gets the pooled text of the prompt it is about, as
+    stage 0 encoded it, and the size embeddings of the latent: never the zeros sampling never
+    feeds an SDXL."""
+    comfy_models, ace = pack().nodes.comfy_models, pack().ace
+    network = comfy_models.network_of(sdxl_model, sdxl_clip, resolution=64)
+    request = ace.concepts.parse_request("vincent van gogh", "a painting")
+    closed = ace.erasure.erase(network, request, training=ace.finetune.FinetuneConfig(steps=0),
+                               expansion=ace.expansion.ExpansionConfig(enabled=False))
+    tokens = ace.erasure.request_tokens(network, closed.request)
+    [concept] = tokens.concepts
+    # stage 0 keeps each prompt's pooled text, as CLIP Text Encode computes it for that prompt
+    assert concept.concept_pooled.shape == (len(concept.prompts), 1280)
+    _, expected = network.encoder.encode_pooled(concept.prompts[:2])
+    assert torch.allclose(concept.concept_pooled[:2], expected.float(), atol=1e-5)
+    assert tokens.preserve_pooled.shape == (len(tokens.preserve_prompts), 1280)
+    known = torch.cat([concept.concept_pooled, concept.neutral_pooled, tokens.preserve_pooled])
+
+    received = []
+    label_emb = sdxl_model.model.diffusion_model.label_emb
+    hook = label_emb.register_forward_hook(lambda module, inputs, output: received.append(inputs[0].detach().cpu()))
+    try:
+        ace.erasure.fine_tune(closed, network, ace.finetune.FinetuneConfig(
+            steps=2, images_per_concept=1, attack_steps=1, on_policy_every=1, batch_size=2))
+    finally:
+        hook.remove()
+    rows = torch.cat(received).float()
+    assert len(received) > 10 and len(rows) > 20
+    pooled_part, size_part = rows[:, :1280], rows[:, 1280:]
+    # each row's pooled text is one of the request's prompts' (the soft word keeps its prompt's)
+    # (the UNet gets it in its own dtype: within that rounding)
+    distance = torch.cdist(pooled_part, known).min(dim=1).values / pooled_part.norm(dim=1)
+    assert distance.max() < 1e-2, distance.max()
+    assert (pooled_part.norm(dim=1) > 1).all()
+    # sizes of a 64x64 picture, as in sampling
+    x = torch.zeros(1, 4, 8, 8)
+    sizes = comfy_models.adm_conditioning(sdxl_model.model, x, concept.concept_pooled[:1])[:, 1280:]
+    assert torch.allclose(size_part, sizes.float().expand_as(size_part), atol=1e-5)
+
+
 def test_pooled_conditioning_batches_one_row_per_example(sdxl_model, sdxl_clip):
     comfy_models = pack().nodes.comfy_models
     encoder = comfy_models.text_encoder(sdxl_model, sdxl_clip)

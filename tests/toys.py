@@ -58,6 +58,9 @@ class ToyTextEncoder:
     def encode(self, prompts) -> torch.Tensor:
         return self._contextualise([[self._vector(w) for w in self.words(p)] for p in prompts])
 
+    def encode_pooled(self, prompts) -> tuple[torch.Tensor, None]:
+        return self.encode(prompts), None
+
     def _contextualise(self, sentences: list[list[torch.Tensor]]) -> torch.Tensor:
         """Word vectors -> token embeddings: BOS, the words, EOS padding; each position mixes in the
         running mean of the positions before it (causal, like CLIP)."""
@@ -111,7 +114,8 @@ class ToyBlock(torch.nn.Module):
 
 
 class ToyUNet(torch.nn.Module):
-    """A denoiser D(x, sigma, context) -> x0 estimate on [B, C, H, W] images."""
+    """A denoiser D(x, sigma, context, pooled) -> x0 estimate on [B, C, H, W] images (it takes no
+    pooled text: `pooled` is always None)."""
 
     def __init__(self, context: int = 64, channels: int = 32, in_channels: int = 4, depth: int = 3, seed: int = 0):
         super().__init__()
@@ -120,7 +124,7 @@ class ToyUNet(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(ToyBlock(channels, context, channels + 16 * i) for i in range(depth))
         self.proj_out = torch.nn.Conv2d(channels, in_channels, 3, padding=1)
 
-    def forward(self, x, sigma, context):
+    def forward(self, x, sigma, context, pooled=None):
         b, _, h, w = x.shape
         level = torch.log(sigma).view(-1, 1, 1, 1).expand(b, 1, h, w)
         t = self.proj_in(torch.cat([x / (1 + sigma.view(-1, 1, 1, 1) ** 2).sqrt(), level], 1))
