@@ -4,9 +4,13 @@ For every key/value projection `W` (`d_out × d`), with the rows of `C`, `N`, `P
 neutral and preserve embeddings of stage 0 (counts `n`, `n`, `m`) of *every* concept of the
 request stacked, solve
 
-    min_ΔW  1/n Σ_i ‖(W + ΔW) c_i − W n_i‖²  +  λ_p/m Σ_j ‖ΔW p_j‖²  +  λ ‖ΔW‖²
+    min_ΔW  1/n Σ_i ‖(W + ΔW) c_i − W n_i‖²  +  λ_p/m Σ_j ‖ΔW p_j‖²  +  λ_k/k Σ_j ‖ΔW k_j‖²  +  λ ‖ΔW‖²
 
-whose solution is ΔW = W M with M = (N − C)ᵀC/n · G⁻¹ and G = CᵀC/n + λ_p PᵀP/m + λ I.
+whose solution is ΔW = W M with M = (N − C)ᵀC/n · G⁻¹ and G = CᵀC/n + λ_p PᵀP/m + λ_k KᵀK/k + λ I.
+`K` (count `k`) are the tokens of the concepts the request keeps, which are also rows of `P`
+but a few among thousands (every position of every everyday prompt): weighed on their own, with
+λ_k growing with the number of erased concepts, the near concepts a user names to keep hold even
+when dozens of expanded words are erased around them.
 `M` does not depend on `W`, so it is solved once for the request (a linear solve, never an
 inverse) and every layer only truncates `W M` to rank `r × concepts` (`docs/method.md`, section
 3). One joint edit, as UCE solves it: each concept's pairs are fitted knowing the others'
@@ -48,6 +52,8 @@ class ClosedFormConfig:
     adversarial_rounds: int = 2  # rounds of closed-form adversarial embeddings (0: none)
     # λ_p: the gates do not shut on near concepts, so the edit itself must spare them (docs/method.md, 7)
     preserve_weight: float = 1.0
+    # λ_k per erased concept: the concepts the request keeps, weighed on their own (docs/method.md, 3)
+    kept_weight: float = 0.4
     ridge: float = 1e-3  # λ, relative to the mean energy of the concept embeddings
     on_quantile: float = 0.1  # of the concept's own tokens' scores, where the gate reaches 0.95
     off_quantile: float = 0.999  # of preserve-token scores, where the gate falls to 0.05
@@ -61,7 +67,7 @@ class ClosedFormConfig:
             raise ValueError(f"gate rank must be an integer from 1 to 256, got {self.gate_rank!r}")
         if not (isinstance(self.adversarial_rounds, int) and 0 <= self.adversarial_rounds <= 10):
             raise ValueError(f"adversarial rounds must be an integer from 0 to 10, got {self.adversarial_rounds!r}")
-        for name in ("preserve_weight", "ridge"):
+        for name in ("preserve_weight", "kept_weight", "ridge"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -69,13 +75,14 @@ class ClosedFormConfig:
             raise ValueError("gate quantiles must lie strictly between 0 and 1")
 
 
-def solve_edit(C: torch.Tensor, N: torch.Tensor, PtP_m: torch.Tensor, cfg: ClosedFormConfig) -> torch.Tensor:
-    """M (d × d) with ΔW = W M, solved in float64."""
+def solve_edit(C: torch.Tensor, N: torch.Tensor, preserve_gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """M (d × d) with ΔW = W M, solved in float64. `preserve_gram` is the weighted preserve term
+    (λ_p PᵀP/m + λ_k KᵀK/k for ACE, PᵀP/m for UCE); `ridge` is λ relative to the concept
+    embeddings' energy."""
     C, N = C.double(), N.double()
     n, d = C.shape
     CtC_n = C.T @ C / n
-    ridge = cfg.ridge * CtC_n.diagonal().sum() / d
-    G = CtC_n + cfg.preserve_weight * PtP_m + ridge * torch.eye(d, dtype=C.dtype)
+    G = CtC_n + preserve_gram.double() + ridge * CtC_n.diagonal().sum() / d * torch.eye(d, dtype=C.dtype)
     Mt = torch.linalg.solve(G, C.T @ (N - C) / n)  # G symmetric: G Mᵀ = Cᵀ(N − C)/n
     return Mt.T
 
@@ -202,12 +209,17 @@ def closed_form_erasure(
     in float64 on the CPU, the factors are stored in float32)."""
     start = time.perf_counter()
     P = tokens.P.double()
-    PtP_m = P.T @ P / len(P)
+    preserve = cfg.preserve_weight * P.T @ P / len(P)
+    if cfg.kept_weight and tokens.kept_mask.any():
+        K = tokens.K.double()
+        # The erase term is a mean, but every erased concept adds directions the edit moves, so
+        # the kept concepts' weight grows with the erased ones: λ_k = kept_weight × concepts.
+        preserve = preserve + cfg.kept_weight * len(tokens.concepts) * K.T @ K / len(K)
     Ws = [weights[p.name].detach().to("cpu", torch.float64) for p in projections]
     concepts = tokens.concepts
     C = [c.C.double() for c in concepts]
     N = [c.N.double() for c in concepts]
-    M = solve_edit(torch.cat(C), torch.cat(N), PtP_m, cfg)
+    M = solve_edit(torch.cat(C), torch.cat(N), preserve, cfg.ridge)
     if cfg.adversarial_rounds:
         # The edit learns to map the adversarial embeddings too; the gates stay calibrated on the
         # concepts' real tokens (stage 2 teaches them to open on attacks).
@@ -218,7 +230,7 @@ def closed_form_erasure(
             for Ck, Nk in phrase:
                 found_C.append(adversarial_embeddings(Ck, gram, M))
                 found_N.append(Nk)
-            M = solve_edit(torch.cat([*C, *found_C]), torch.cat([*N, *found_N]), PtP_m, cfg)
+            M = solve_edit(torch.cat([*C, *found_C]), torch.cat([*N, *found_N]), preserve, cfg.ridge)
 
     rank = min(cfg.rank * len(concepts), cfg.max_rank, M.shape[0])
     k = min(M.shape[0], max(4 * rank, 32))

@@ -168,7 +168,16 @@ class RequestTokens:
     concepts: list[ConceptTokens]
     preserve_prompts: list[str]
     preserve_context: torch.Tensor  # [Tp, L, d]: preserve concepts in templates, and everyday prompts
+    # [Tp, L]: the positions that carry a concept the request keeps (its words and, as for an erased
+    # concept, what the encoder reads after them); none in everyday prompts
+    kept_mask: torch.Tensor
     preserve_pooled: torch.Tensor | None = None  # [Tp, p]: their pooled text (SDXL), else None
+
+    @property
+    def K(self) -> torch.Tensor:
+        """The kept concepts' embeddings: the near misses the edit must spare, a few rows among the
+        thousands of P, so the closed form weighs them on their own."""
+        return self.preserve_context[self.kept_mask]
 
     @property
     def P(self) -> torch.Tensor:
@@ -266,5 +275,10 @@ def collect_request(
 ) -> RequestTokens:
     concepts = [collect_concept(encoder, c, templates, request.preserve, all_positions) for c in request.concepts]
     preserve_prompts = [fill(t, p) for p in request.preserve for t in templates]
+    starts = [0 if all_positions else _prefix_tokens(encoder, t) for _ in request.preserve for t in templates]
     preserve_prompts += [p for p in everyday_prompts if not _mentions(p, request)]
-    return RequestTokens(concepts, preserve_prompts, *_encode(encoder, preserve_prompts))
+    context, pooled = _encode(encoder, preserve_prompts)
+    kept_mask = torch.zeros(context.shape[:2], dtype=torch.bool)
+    for t, start in enumerate(starts):
+        kept_mask[t, start:] = True
+    return RequestTokens(concepts, preserve_prompts, context, kept_mask, pooled)

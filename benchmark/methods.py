@@ -127,15 +127,15 @@ def uce(model, clip, request, rounds: int = 0) -> Erased:
     C = torch.cat([c.C for c in tokens.concepts]).double()
     N = torch.cat([c.N for c in tokens.concepts]).double()
     P = tokens.P.double()
-    PtP_m, config = P.T @ P / len(P), closed_form.ClosedFormConfig(preserve_weight=1.0)  # UCE's own balance
-    M = closed_form.solve_edit(C, N, PtP_m, config)
+    PtP_m, ridge = P.T @ P / len(P), closed_form.ClosedFormConfig().ridge  # UCE's own balance: λ_p = 1
+    M = closed_form.solve_edit(C, N, PtP_m, ridge)
     gram = closed_form.projection_gram([weights[p.name].detach().cpu() for p in projections])
     C_all, N_all, found = C, N, []
     for _ in range(rounds):
         adversarial = closed_form.adversarial_embeddings(C, gram, M)
         found.append(adversarial.norm(dim=1).mean().item() / C.norm(dim=1).mean().item())
         C_all, N_all = torch.cat([C_all, adversarial]), torch.cat([N_all, N])
-        M = closed_form.solve_edit(C_all, N_all, PtP_m, config)
+        M = closed_form.solve_edit(C_all, N_all, PtP_m, ridge)
     clone = model.clone()
     for p in projections:
         W = weights[p.name].detach().double().cpu()

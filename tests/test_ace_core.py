@@ -130,6 +130,28 @@ def test_closed_form_maps_concept_onto_neutral_and_leaves_preserve(encoder, unet
     assert adapter.gate(tokens.P).max() < 0.1
 
 
+def test_kept_concepts_are_weighed_on_their_own(encoder, unet):
+    """A near concept the request keeps ("snoopy", 0.8 of beagle's vector) is a few rows among the
+    preserve pool: weighed on its own (λ_k), the edit moves its keys and values less the more it
+    weighs, and the erased concept is still mapped most of the way to neutral."""
+    from ace.tokens import CONCEPT_TEMPLATES
+
+    moved, residual = {}, {}
+    for weight in (0.0, 0.4, 4.0):
+        _, tokens, adapter, info = stage1(encoder, unet, text="beagle", preserve="snoopy, cat, tree", rank=16,
+                                          kept_weight=weight)
+        # the kept concepts' positions: from their word to the end, in their templated prompts only
+        kept_prompts = 3 * len(CONCEPT_TEMPLATES)
+        assert tokens.kept_mask[:kept_prompts].any(1).all() and not tokens.kept_mask[kept_prompts:].any()
+        K = tokens.K
+        projections, weights = weights_of(unet)
+        moved[weight] = sum(adapter.delta(i, K).norm() ** 2 for i in range(len(projections))).sqrt() \
+            / sum((K @ weights[p.name].T).norm() ** 2 for p in projections).sqrt()
+        residual[weight] = info.stats[0]["relative_residual"]
+    assert moved[0.4] < 0.85 * moved[0.0] and moved[4.0] < 0.4 * moved[0.0], moved
+    assert max(residual.values()) < 0.3, residual
+
+
 def test_gate_catches_the_concept_in_unseen_prompts_and_ignores_others(encoder, unet):
     _, _, adapter, _ = stage1(encoder, unet)
     e = encoder.encode(["my beagle on the grass", "snoopy runs", "a horse on the grass"])
@@ -237,7 +259,7 @@ def test_adversarial_embeddings_reproduce_the_concept_through_the_edit(encoder, 
     P = tokens.P.double()
     from ace.closed_form import ClosedFormConfig as Config
 
-    M = solve_edit(C, N, P.T @ P / len(P), Config())
+    M = solve_edit(C, N, P.T @ P / len(P), Config().ridge)
     I = torch.eye(M.shape[0], dtype=torch.float64)
     adversarial = adversarial_embeddings(C, projection_gram(Ws), M)
 
