@@ -108,6 +108,15 @@ def report(results: dict) -> str:
         toy = toys[t]
         chance = toy["untouched"]["chance"]
         lines += [f"## {t.capitalize()} toy{' (headline)' if t == HEADLINE else ''}", ""]
+        if "training" in toy:
+            lines += [f"Trained for {toy['training']['minutes']:.1f} minutes ({toy['training']['steps']} steps; "
+                      f"{toy['training']['machine']}).", ""]
+        plan = results["plan"]["toys"].get(t)
+        if plan:
+            lines += [f"Measured here: {', '.join(plan['methods'])}; the stronger attack on "
+                      f"{', '.join(plan['strong_methods']) or 'none'}; scaling "
+                      f"{', '.join(map(str, plan['scaling_sizes'])) or 'none'} concepts with "
+                      f"{', '.join(plan['scaling_methods'])}.", ""]
         lines += untouched_table(toy, targets) + [""]
         lines += ["### Methods (pooled over targets)", "", *methods_table(toy), "",
                   f"Best possible H_o here (erased concept at chance, everything else perfect): "

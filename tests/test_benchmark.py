@@ -113,11 +113,28 @@ def test_command_refuses_a_bad_prompt_file_before_any_work(tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_full_plan_measures_both_toys_and_the_ablations_on_the_headline_one():
+    from benchmark import methods, run
+
+    plan = run.parse_plan(["--full"])
+    assert list(plan.toys) == ["causal", "bidirectional"]
+    causal, second = plan.toys["causal"], plan.toys["bidirectional"]
+    assert causal.methods == methods.METHODS and causal.scaling_sizes == (10, 18)
+    assert set(causal.strong_methods) == {"ace", "ace_baked", "uce", "rece", "esd_x"}
+    assert causal.scaling_methods == ("ace", "uce", "rece", "esd_x")
+    assert second.methods == ("ace", "ace_stage1", "uce", "rece", "esd_x")
+    assert second.strong_methods == ("ace",) and second.scaling_sizes == (10,) and second.scaling_methods == ("ace", "uce")
+    # what a user names explicitly is measured on every toy
+    plan = run.parse_plan(["--full", "--methods", "ace", "esd_x", "--scaling", "3"])
+    assert plan.toys["bidirectional"] == plan.toys["causal"]
+    assert plan.toys["causal"].strong_methods == ("ace", "esd_x")
+
+
 def test_quick_run_on_the_causal_toy_writes_every_result_and_the_untouched_model_passes(comfy, tmp_path):
     from benchmark import methods, run
 
     plan = run.parse_plan(["--quick", "--out", str(tmp_path)])
-    assert plan.toys == ("causal",)
+    assert list(plan.toys) == ["causal"] and plan.toys["causal"].scaling_sizes == (3,)
     results = run.run(plan)
 
     toy = results["toys"]["causal"]
