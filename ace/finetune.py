@@ -185,8 +185,9 @@ def finetune(
         kept_prompts = tokens.kept_mask.any(1).nonzero().flatten()
 
         def preserve_rows(n: int) -> torch.Tensor:  # preserve embeddings for the anchor, half of them kept
-            k = n // 2 if len(K) else 0
-            return torch.cat([K[pick(len(K), k).to(device)], P[pick(len(P), n - k).to(device)]])
+            if not len(K):  # a request that keeps no concept
+                return P[pick(len(P), n).to(device)]
+            return torch.cat([K[pick(len(K), n // 2).to(device)], P[pick(len(P), n - n // 2).to(device)]])
         soft = [SoftWord(network, c.concept.target, cfg) if cfg.attack_steps and cfg.adversarial_weight else None
                 for c in tokens.concepts]
         target_prompts = [torch.tensor(c.target_prompts()) for c in tokens.concepts]
