@@ -86,12 +86,12 @@ class TextEncoder(Protocol):
 
     `encode` returns the token embeddings the UNet's cross-attention receives, `[n, L, d]`, with
     every prompt padded to the same length `L`; `encode_pooled` returns them with the pooled text
-    embedding `[n, p]` that models such as SDXL also receive (None for a model that takes none). `count_tokens` counts a text's tokens without the
-    start/end markers; `start_tokens` is the number of tokens before a prompt's first word
-    (1 for CLIP's start-of-text token). For concept expansion (`expansion.py`): `vocabulary`
-    lists the encoder's whole words, `static_embeddings` their input token embeddings (no forward
-    pass), and `encode_words` each word's embedding where it stands as a prompt's only word (at
-    its last token), `[n, d]`. For stage 2's adversarial
+    embedding `[n, p]` that models such as SDXL also receive (None for a model that takes none).
+    `count_tokens` counts a text's tokens without the start/end markers; `start_tokens` is the
+    number of tokens before a prompt's first word (1 for CLIP's start-of-text token). For concept
+    expansion (`expansion.py`): `vocabulary` lists the encoder's whole words, `static_embeddings`
+    their input token embeddings (no forward pass), and `encode_words` each word's embedding where
+    it stands as a prompt's only word (at its last token), `[n, d]`. For stage 2's adversarial
     input (`finetune.py`): `soft_word` gives a phrase's input token embeddings (per tower of the
     encoder, as tensors to optimise) and `encode_soft` encodes prompts with that phrase replaced by
     them, differentiably.
