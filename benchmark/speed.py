@@ -4,14 +4,16 @@
                                         [--steps 3] [--resolution PX] [--small] [--out FILE]
 
 Per family, at its native resolution (SD1.5 512 px, SDXL 1024 px; `--resolution` for another):
-seconds per concept of stage 1 (with stage 0, through the family's real CLIP classes) when
-`--solve` concepts are solved at once, of stage 2 per step and for the default number of steps
-(at the default batch, precision and checkpointing of the device), and the sampling overhead of
-the erased model against the base model for each `--concepts` count. Random
-weights stand in for the real ones: the cost depends on shapes, not values. `--small` builds
-the same layouts at a fifth of the width, with 3-layer text encoders, at 256 px: a smoke run
-for a CPU, whose figures say nothing about the real models. Run it with nothing else on the
-machine.
+seconds per concept of stage 1 (the closed form, and with stage 0 through the family's real CLIP
+classes) when `--solve` concepts are solved at once, of concept expansion for one concept (its
+vocabulary scan and its response test; expansion goes concept by concept), of stage 2 per step
+and for the default number of steps (at the default batch, precision and checkpointing of the
+device), and the sampling overhead of the erased model against the base model for each
+`--concepts` count. Random weights stand in for the real ones: the cost depends on shapes, not
+values. `--small` builds the same layouts at a fifth of the width, with 3-layer text encoders, at
+256 px, and asks expansion's response test about 4 words with 2 noise draws instead of 48 and 8:
+a smoke run for a CPU, whose figures say nothing about the real models. Run it with nothing else
+on the machine.
 
 The sampling overhead of N concepts is timed with an erasure whose N gates are copies of one
 solved concept's gate and whose joint edit has the rank N concepts get (the rank per concept times
@@ -156,7 +158,7 @@ def tiled(ace, erasure, n: int):
 
 
 def measure(pack, shape: Shape, device: str, concept_counts: list[int], steps: int, solve: list[int],
-            resolution: int) -> dict:
+            resolution: int, expansion) -> dict:
     """The figures of one model shape (see the module's docstring)."""
     import comfy.model_management
 
@@ -172,13 +174,18 @@ def measure(pack, shape: Shape, device: str, concept_counts: list[int], steps: i
 
     for n in solve:  # stage 1 (the closed form) alone, and with stage 0 (every prompt through the CLIP)
         started = time.perf_counter()
-        solved = ace.erasure.erase(network, concepts(ace, n), training=ace.finetune.FinetuneConfig(steps=0))
+        solved = ace.erasure.erase(network, concepts(ace, n), training=ace.finetune.FinetuneConfig(steps=0),
+                                   expansion=ace.expansion.ExpansionConfig(enabled=False))
         report["stages01_s_per_concept"][str(n)] = (time.perf_counter() - started) / n
-        report["stage1_s_per_concept"][str(n)] = solved.info["stage1_seconds"] / n
+        report["stage1_s_per_concept"][str(n)] = solved.info["closed_form_seconds"] / n
         print(f"{shape.name}: {n} concept(s) at once: stage 1 {report['stage1_s_per_concept'][str(n)]:.2f} s/concept, "
               f"with stage 0 {report['stages01_s_per_concept'][str(n)]:.2f}", flush=True)
         if n == solve[0]:
             closed = solved
+    # Expansion works concept by concept (its cost grows linearly), so one concept times it.
+    found = ace.expansion.expand(network, concepts(ace, 1), expansion)
+    report["expansion"] = {"config": dataclasses.asdict(expansion), "s_per_concept": found.seconds}
+    print(f"{shape.name}: expansion {sum(found.seconds.values()):.2f} s/concept ({found.seconds})", flush=True)
 
     small = dataclasses.replace(network, sample_sigmas=network.sample_sigmas[-3:])  # two sampling steps
     first = tiled(ace, closed, 1)  # stage 2 of one concept
@@ -229,12 +236,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     pack = host.start(device=args.device)
     device = host.host().device
+    expansion = pack.ace.expansion.ExpansionConfig()
+    if args.small:  # a smoke run: the response test's forward passes at a CPU's pace would take minutes
+        expansion = dataclasses.replace(expansion, candidates=4, noise_draws=2)
     report = {"machine": host.machine(), "device": device, "small": args.small, "families": {},
               "command": " ".join(["python -m benchmark.speed", *(argv if argv is not None else sys.argv[1:])])}
     for name in args.family:
         shape = SHAPES[name, args.small]
         report["families"][name] = measure(pack, shape, device, args.concepts, args.steps, args.solve,
-                                           args.resolution or shape.resolution)
+                                           args.resolution or shape.resolution, expansion)
     print(json.dumps(report, indent=2))
     if args.out:
         with open(args.out, "w") as f:

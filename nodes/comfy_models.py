@@ -20,6 +20,7 @@ import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
 import comfy.samplers
+import comfy.sd1_clip
 import torch
 import torch.utils.checkpoint
 
@@ -114,6 +115,10 @@ class ClipTextEncoder:
         return {key: chunks[:1] for key, chunks in self.clip.tokenize(prompt).items()}
 
     def encode(self, prompts) -> torch.Tensor:
+        cond = self.clip.encode_from_tokens(self._stacked_windows(prompts))
+        return cond.reshape(len(prompts), -1, cond.shape[-1])
+
+    def _stacked_windows(self, prompts) -> dict[str, list]:
         # One prompt = one window of tokens. ComfyUI encodes the windows of a long prompt as one
         # batch and joins them along the sequence, so N prompts go in as N windows and come back
         # as N rows: one call instead of N.
@@ -121,8 +126,7 @@ class ClipTextEncoder:
         for prompt in prompts:
             for key, chunks in self.windows(prompt).items():
                 windows.setdefault(key, []).extend(chunks)
-        cond = self.clip.encode_from_tokens(windows)
-        return cond.reshape(len(prompts), -1, cond.shape[-1])
+        return windows
 
     def vocabulary(self) -> list[str]:
         """The tokenizer's whole words: alphabetic, three letters or more (BPE word-final tokens
@@ -233,16 +237,23 @@ class ClipTextEncoder:
 
     def encode_pooled(self, prompts) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(context `[n, L, d]`, pooled `[n, p]`), or (context, None) for a model that takes no
-        pooled text. One call per prompt: ComfyUI returns the pooled output of a batch's first
-        window only, the one a long prompt's conditioning keeps."""
+        pooled text. ComfyUI hands back the pooled output of a batch's first window only (the one a
+        long prompt's conditioning keeps), so every tower's own output is caught on its way out and
+        the tower whose first row is the one ComfyUI returned (CLIP-G for SDXL) gives every row's."""
         if not self.pooled:
             return self.encode(prompts), None
-        contexts, pooled = [], []
-        for prompt in prompts:
-            cond, pool = self.clip.encode_from_tokens(self.windows(prompt), return_pooled=True)
-            contexts.append(cond)
-            pooled.append(pool)
-        return torch.cat(contexts), torch.cat(pooled)
+        towers = [m for m in self.clip.cond_stage_model.modules() if isinstance(m, comfy.sd1_clip.SDClipModel)]
+        caught: list[torch.Tensor] = []
+        hooks = [t.register_forward_hook(lambda _m, _in, out: caught.append(out[1])) for t in towers]
+        try:
+            cond, first = self.clip.encode_from_tokens(self._stacked_windows(prompts), return_pooled=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for rows in caught:
+            if rows is not None and len(rows) == len(prompts) and torch.equal(rows[:1].to(first), first):
+                return cond.reshape(len(prompts), -1, cond.shape[-1]), rows.to(first)
+        raise RuntimeError("no tower of this CLIP gave the pooled text ComfyUI returned")
 
 
 @contextlib.contextmanager

@@ -92,9 +92,12 @@ def test_sdxl_both_towers_are_collected_at_the_same_positions(sdxl_model, sdxl_c
         assert torch.allclose(pooled.cpu(), g_pooled.float().cpu(), rtol=1e-4, atol=1e-4)
         assert torch.allclose(pooled.cpu(), extras["pooled_output"].float().cpu(), rtol=1e-4, atol=1e-4)
         assert torch.allclose(context.cpu(), cond.float().cpu(), rtol=1e-4, atol=1e-4)
-    # every prompt gets its own pooled vector (ComfyUI's batch call would return the first one's)
-    _, pooled = encoder.encode_pooled(tokens.prompts[:2])
-    assert not torch.allclose(pooled[0], pooled[1])
+    # encoded together, every prompt gets the pooled vector it gets alone (ComfyUI's batch call
+    # returns the first one's only)
+    _, batched = encoder.encode_pooled(tokens.prompts[:3])
+    for i, prompt in enumerate(tokens.prompts[:3]):
+        assert torch.allclose(batched[i], encoder.encode_pooled([prompt])[1][0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(batched[0], batched[1])
 
 
 def test_sd15_clip_takes_no_pooled_text(tiny_sd15):
