@@ -107,13 +107,12 @@ def fine_tune(
     adapter.to(network.device)
     with network.attach(adapter) as denoise:
         with adapter.disabled():
-            latents = [
-                sample_latents(denoise, c.concept_context[:training.images_per_concept].to(network.device),
-                               network.latent_shape, network.sample_sigmas, seed=training.seed + i,
-                               pooled=None if c.concept_pooled is None
-                               else c.concept_pooled[:training.images_per_concept].to(network.device))
-                for i, c in enumerate(tokens.concepts)
-            ]
+            latents = []
+            for i, c in enumerate(tokens.concepts):
+                context, pooled = c.concept_at(slice(training.images_per_concept))
+                latents.append(sample_latents(denoise, context.to(network.device), network.latent_shape,
+                                              network.sample_sigmas, seed=training.seed + i,
+                                              pooled=None if pooled is None else pooled.to(network.device)))
         result = finetune(adapter, denoise, network, tokens, latents, training, callback)
     adapter.to("cpu")
     info = dict(erasure.info, stage2_seconds=result.seconds, history=result.history,

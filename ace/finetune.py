@@ -169,25 +169,34 @@ def finetune(
     def usable(t: torch.Tensor) -> torch.Tensor:  # a normal tensor autograd may save, on device
         return (t.clone() if t.is_inference() else t).to(device)
 
-    def rows(pooled: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:  # pooled text, if any
-        return None if pooled is None else usable(pooled[index])
+    def on_device(prompts: tuple[torch.Tensor, torch.Tensor | None]):  # (context, pooled or None), usable
+        context, pooled = prompts
+        return usable(context), None if pooled is None else usable(pooled)
+
+    def draw(n: int, kept: torch.Tensor, size: int) -> torch.Tensor:
+        """n indices in range(size), half of them (at least one) from `kept` when it has any."""
+        index = pick(size, n)
+        if len(kept):
+            share = n // 2 or 1
+            index[:share] = kept[pick(len(kept), share)]
+        return index
 
     with torch.inference_mode(False), torch.enable_grad():
         autograd_safe(adapter)
         adapter.requires_grad_(True)
         params = list(adapter.parameters())
         optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
-        preserve_context = usable(tokens.preserve_context)
         P = usable(tokens.P.float())
         K = usable(tokens.K.float())
-        # the prompts of the concepts the request keeps: half of every preserve batch (a few among
-        # the everyday prompts, they are where the erasure does its harm)
+        # The concepts the request keeps make half of every preserve batch and of the anchor's
+        # tokens: a few among the everyday prompts, they are where the erasure does its harm.
         kept_prompts = tokens.kept_mask.any(1).nonzero().flatten()
 
-        def preserve_rows(n: int) -> torch.Tensor:  # preserve embeddings for the anchor, half of them kept
+        def anchor_tokens(n: int) -> torch.Tensor:  # preserve embeddings, half of them (at least one) kept ones
             if not len(K):  # a request that keeps no concept
                 return P[pick(len(P), n).to(device)]
-            return torch.cat([K[pick(len(K), n // 2).to(device)], P[pick(len(P), n - n // 2).to(device)]])
+            share = n // 2 or 1
+            return torch.cat([K[pick(len(K), share).to(device)], P[pick(len(P), n - share).to(device)]])
         soft = [SoftWord(network, c.concept.target, cfg) if cfg.attack_steps and cfg.adversarial_weight else None
                 for c in tokens.concepts]
         target_prompts = [torch.tensor(c.target_prompts()) for c in tokens.concepts]
@@ -204,17 +213,13 @@ def finetune(
             x0 = torch.stack([pool[c][i] for i in pick(len(pool[c]), b).tolist()]).to(device)
             sigma = train_sigmas[pick(len(train_sigmas), b)].to(device, x0.dtype)
             x_t = (x0 + torch.randn(x0.shape, generator=generator).to(device, x0.dtype) * sigma.view(-1, *[1] * (x0.dim() - 1))).detach()
-            ctx, pooled = usable(concept.concept_context[prompt]), rows(concept.concept_pooled, prompt)
-            preserved = pick(len(preserve_context), b)
-            if len(kept_prompts):
-                preserved[: b // 2 or 1] = kept_prompts[pick(len(kept_prompts), b // 2 or 1)]
-            p_ctx, p_pooled = preserve_context[preserved.to(device)], rows(tokens.preserve_pooled, preserved)
+            ctx, pooled = on_device(concept.concept_at(prompt))
+            p_ctx, p_pooled = on_device(tokens.preserve_at(draw(b, kept_prompts, len(tokens.preserve_context))))
             weight = 1 / sigma.float().square()
 
             with torch.no_grad(), adapter.disabled():
                 original_concept = denoise(x_t, sigma, ctx, pooled)
-                original_neutral = denoise(x_t, sigma, usable(concept.neutral_context[prompt]),
-                                           rows(concept.neutral_pooled, prompt))
+                original_neutral = denoise(x_t, sigma, *on_device(concept.neutral_at(prompt)))
                 original_preserve = denoise(x_t, sigma, p_ctx, p_pooled)
                 target = original_neutral - cfg.guidance * (original_concept - original_neutral)
 
@@ -226,11 +231,10 @@ def finetune(
                 texts = [concept.prompts[i] for i in chosen.tolist()]
                 # The soft word keeps the concept prompt's pooled text: the attack moves the tokens
                 # the cross-attention reads, which is what the edit acts on.
-                chosen_pooled = rows(concept.concept_pooled, chosen)
+                chosen_ctx, chosen_pooled = on_device(concept.concept_at(chosen))
                 with torch.no_grad(), adapter.disabled():
-                    original_target = denoise(x_t, sigma, usable(concept.concept_context[chosen]), chosen_pooled)
-                    neutral_target = denoise(x_t, sigma, usable(concept.neutral_context[chosen]),
-                                             rows(concept.neutral_pooled, chosen))
+                    original_target = denoise(x_t, sigma, chosen_ctx, chosen_pooled)
+                    neutral_target = denoise(x_t, sigma, *on_device(concept.neutral_at(chosen)))
                 adv = _attack(adapter, denoise, network, soft[c], texts, x_t, sigma, chosen_pooled, original_target,
                               weight, cfg)
                 adv_target = neutral_target - cfg.guidance * (original_target - neutral_target)
@@ -238,7 +242,7 @@ def finetune(
                                                                   adv_target)).mean()
                 gate_terms.append(_bce(adapter.gate(adv[usable(phrase_masks[c][chosen])])[:, c], 1.0))
             losses["preserve"] = (weight * _per_sample_mse(denoise(x_t, sigma, p_ctx, p_pooled), original_preserve)).mean() \
-                + _anchor(adapter, weights, preserve_rows(256))
+                + _anchor(adapter, weights, anchor_tokens(256))
             losses["gate"] = sum(gate_terms) / len(gate_terms)
             total_loss = (losses["erase"] + cfg.adversarial_weight * losses.get("adversarial", 0.0)
                           + cfg.preserve_weight * losses["preserve"] + cfg.gate_weight * losses["gate"])
@@ -290,9 +294,9 @@ def _anchor(adapter: GatedAdapter, weights: list[torch.Tensor], P: torch.Tensor)
 def _on_policy(denoise, network: Network, concept, generator, device) -> torch.Tensor:
     """One picture of the concept drawn by the edited model, as a clean latent."""
     prompt = int(torch.randint(0, len(concept.prompts), (1,), generator=generator))
-    one = slice(prompt, prompt + 1)
-    pooled = None if concept.concept_pooled is None else concept.concept_pooled[one].to(device)
-    return sample_latents(denoise, concept.concept_context[one].to(device), network.latent_shape,
+    context, pooled = concept.concept_at(slice(prompt, prompt + 1))
+    pooled = None if pooled is None else pooled.to(device)
+    return sample_latents(denoise, context.to(device), network.latent_shape,
                           network.sample_sigmas, seed=int(torch.randint(0, 2**31, (1,), generator=generator)),
                           pooled=pooled)[0]
 

@@ -157,6 +157,14 @@ class ConceptTokens:
         mask[t, p] = True
         return mask
 
+    def concept_at(self, index) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The context and pooled text (None for models without) of the concept prompts at `index`."""
+        return self.concept_context[index], _pooled_at(self.concept_pooled, index)
+
+    def neutral_at(self, index) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The same for their neutral prompts."""
+        return self.neutral_context[index], _pooled_at(self.neutral_pooled, index)
+
     def target_prompts(self) -> list[int]:
         """The prompts that name the concept's target phrase (not a synonym)."""
         target = f" {' '.join(self.concept.target.lower().split())} "
@@ -173,6 +181,10 @@ class RequestTokens:
     kept_mask: torch.Tensor
     preserve_pooled: torch.Tensor | None = None  # [Tp, p]: their pooled text (SDXL), else None
 
+    def preserve_at(self, index) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The context and pooled text (None for models without) of the preserve prompts at `index`."""
+        return self.preserve_context[index], _pooled_at(self.preserve_pooled, index)
+
     @property
     def K(self) -> torch.Tensor:
         """The kept concepts' embeddings: the near misses the edit must spare, a few rows among the
@@ -184,6 +196,10 @@ class RequestTokens:
         """Preserve embeddings: every position of every preserve prompt and of every neutral prompt."""
         neutral = [c.neutral_context.flatten(0, 1) for c in self.concepts]
         return torch.cat([self.preserve_context.flatten(0, 1), *neutral])
+
+
+def _pooled_at(pooled: torch.Tensor | None, index) -> torch.Tensor | None:
+    return None if pooled is None else pooled[index]
 
 
 def fill(template: str, phrase: str) -> str:
