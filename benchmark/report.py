@@ -67,10 +67,13 @@ def per_target(toy: dict) -> list[str]:
 def scaling_table(toy: dict) -> list[str]:
     if not toy["scaling"]:
         return []
-    lines = ["| method | concepts erased | Acc_e | Acc_g | Acc_s | H_o | FID | seconds |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | concepts erased | Acc_e | Acc_g | Acc_s | H_o | FID | FID: ACE minus this [95%] | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in toy["scaling"]:
+        d = r.get("fid_ace_minus_this")
+        versus = f"{d['value']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]" if d else "—"
         lines.append(f"| {r['method']} | {r['n_concepts']} | {_ci(r['acc_e'])} | {_ci(r['acc_g'])} | {_ci(r['acc_s'])} | "
-                     f"{r['h_o']:.3f} | {r['fid_preserve']:.1f} | {r['seconds']:.1f} |")
+                     f"{r['h_o']:.3f} | {r['fid_preserve']:.1f} | {versus} | {r['seconds']:.1f} |")
     return lines
 
 

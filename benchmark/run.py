@@ -207,8 +207,25 @@ class Scored:
                 "stage1_seconds": self.stage1_seconds, "stage2_seconds": self.stage2_seconds, "info": self.info}
 
 
+@dataclass
+class Scores:
+    """What `score` measures of one erased model: the judged pictures, each split's accuracy, each
+    kept concept's, and the kept concepts' pictures against the untouched model's (their features
+    row by row: the same prompt and noise)."""
+
+    judged: stats.Judged
+    per_split: dict[str, dict[str, float]]
+    acc_s_per_concept: dict[str, float]
+    kept_features: torch.Tensor
+    reference_features: torch.Tensor
+
+    @property
+    def fid(self) -> float:
+        return frechet_distance(self.kept_features, self.reference_features)
+
+
 def score(erased, clip, classifier, names: list[str], per_erased: int, kept: dict[str, int], reference: dict,
-          prompt_file: dict) -> tuple[stats.Judged, dict, dict, float]:
+          prompt_file: dict) -> Scores:
     """Judge the erased concepts on their three splits and the kept ones on their own prompts."""
     model = erased.model
     targets = [(kind_of(n), n) for n in names]
@@ -220,9 +237,9 @@ def score(erased, clip, classifier, names: list[str], per_erased: int, kept: dic
         kept=[ok for m in others.values() for ok in m.shown])
     mine = torch.cat([m.pictures for m in others.values()])
     theirs = torch.cat([reference["pictures"][n][:kept[n]].float() for n in others])
-    fid = frechet_distance(classifier_features(classifier, mine), classifier_features(classifier, theirs))
-    per_split = {s: {n: by_split[s][n].accuracy for n in names} for s in SPLITS_OF_A_TARGET}
-    return judged, per_split, {n: m.accuracy for n, m in others.items()}, fid
+    return Scores(judged, {s: {n: by_split[s][n].accuracy for n in names} for s in SPLITS_OF_A_TARGET},
+                  {n: m.accuracy for n, m in others.items()},
+                  classifier_features(classifier, mine), classifier_features(classifier, theirs))
 
 
 def _light(attack: dict) -> dict:
@@ -260,12 +277,13 @@ def compare_methods(toy_name: str, model, clip, classifier, plan: Plan, prompt_f
                                         stage1_only=plan.stage1_only)
             if method == "ace":
                 ace_result = erased
-            judged, per_split, acc_s, fid = score(erased, clip, classifier, [target], plan.budget.per_erased, kept,
-                                                  reference, prompt_file)
+            scores = score(erased, clip, classifier, [target], plan.budget.per_erased, kept, reference, prompt_file)
+            judged, fid = scores.judged, scores.fid
             attacks = attack_all(erased, clip, classifier, target, plan, prompt_file)
             strong = attack_all(erased, clip, classifier, target, plan, prompt_file, plan.budget.strong_attack) \
                 if plan.budget.strong_attack and method in plan.toys[toy_name].strong_methods else []
-            results[method][target] = Scored(judged, per_split, acc_s, fid, attacks, strong, erased.stage1_seconds,
+            results[method][target] = Scored(judged, scores.per_split, scores.acc_s_per_concept, fid, attacks, strong,
+                                             erased.stage1_seconds,
                                              erased.stage2_seconds, erased.info)
             columns[method] = sample(erased.model, clip, rows)
             log(f"{toy_name:<13} {target:<9} {method:<15} Acc_e {stats.share(judged.erased)}  "
@@ -290,15 +308,21 @@ def scaling(toy_name: str, model, clip, classifier, plan: Plan, prompt_file: dic
         kept_names = [n for n in names if n not in erased_names]
         kept = {n: kept_count(plan.budget, len(kept_names)) for n in kept_names}
         request = make_request(erased_names, prompt_file)
+        features = {}
         for method in toy.scaling_methods:
             erased = erasers.run_method(method, model, clip, request, quick=plan.mode == "quick",
                                         stage1_only=plan.stage1_only)
-            judged, _, acc_s, fid = score(erased, clip, classifier, erased_names, plan.budget.scaling_per_erased, kept,
-                                          reference, prompt_file)
+            scores = score(erased, clip, classifier, erased_names, plan.budget.scaling_per_erased, kept, reference,
+                           prompt_file)
+            judged, fid = scores.judged, scores.fid
+            features[method] = scores.kept_features
             row = {"method": method, "n_concepts": size, "acc_e": stats.share(judged.erased).to_json(),
                    "acc_g": stats.share(judged.general).to_json(), "acc_s": stats.share(judged.kept).to_json(),
-                   "h_o": judged.h_o(), "fid_preserve": fid, "acc_s_per_concept": acc_s,
+                   "h_o": judged.h_o(), "fid_preserve": fid, "acc_s_per_concept": scores.acc_s_per_concept,
                    "seconds": erased.stage1_seconds + erased.stage2_seconds}
+            if "ace" in features and method != "ace":  # is ACE's FID lower than this method's beyond noise?
+                row["fid_ace_minus_this"] = stats.fid_difference(features["ace"], scores.kept_features,
+                                                                 scores.reference_features).to_json()
             out.append(row)
             log(f"{toy_name:<13} scaling {method:<7} {size:>2} concepts  Acc_e {stats.share(judged.erased)}  "
                 f"Acc_g {stats.share(judged.general)}  Acc_s {stats.share(judged.kept)}  H_o {judged.h_o():.3f}  "

@@ -4,7 +4,9 @@ Every accuracy is a share of pictures the classifier judges, so its 95% interval
 interval for a binomial proportion. H_o combines three accuracies non-linearly, so its interval
 comes from a bootstrap: the judged pictures of each group are resampled with replacement, H_o is
 recomputed, and the 2.5th and 97.5th percentiles are taken. A difference between two methods is
-"within noise" when the 95% bootstrap interval of the difference contains 0.
+"within noise" when the 95% bootstrap interval of the difference contains 0. Two methods' FIDs
+are compared the same way, pairing pictures: both drew the same prompts from the same noise as
+the reference pictures, so the same resampled pictures enter all three sets.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmark.metrics import harmonic_overall
+from benchmark.metrics import frechet_distance, harmonic_overall
 
 Z95 = 1.959964
 
@@ -97,6 +99,21 @@ def h_o_difference(a: list[Judged], b: list[Judged], draws: int = 2000, seed: in
     point = sum(g.h_o() for g in a) / len(a) - sum(g.h_o() for g in b) / len(b)
     low, high = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return Interval(point, low, high, 0)
+
+
+def fid_difference(a: torch.Tensor, b: torch.Tensor, reference: torch.Tensor, draws: int = 500,
+                   seed: int = 0) -> Interval:
+    """FID of features `a` minus FID of `b` (both against `reference`; row i of each is the same
+    prompt and noise), with a 95% bootstrap interval over the pictures, resampled in pairs."""
+    if not len(a) == len(b) == len(reference):
+        raise ValueError(f"paired features need the same number of pictures, got {len(a)}, {len(b)}, {len(reference)}")
+    generator = torch.Generator().manual_seed(seed)
+    diff = []
+    for _ in range(draws):
+        i = torch.randint(0, len(a), (len(a),), generator=generator)
+        diff.append(frechet_distance(a[i], reference[i]) - frechet_distance(b[i], reference[i]))
+    low, high = torch.quantile(torch.tensor(diff, dtype=torch.float64), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return Interval(frechet_distance(a, reference) - frechet_distance(b, reference), low, high, len(a))
 
 
 def within_noise(difference: Interval) -> bool:

@@ -38,6 +38,23 @@ def test_frechet_distance_of_known_gaussians():
     assert frechet_distance(a, b) == pytest.approx(4.0, rel=0.05)
 
 
+def test_paired_fid_difference_tells_a_tie_from_a_gap():
+    from benchmark.stats import fid_difference
+
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(300, 4, generator=g)
+    near = reference + 0.3 * torch.randn(300, 4, generator=g)  # the same pictures, slightly changed
+    also_near = reference + 0.3 * torch.randn(300, 4, generator=g)
+    far = reference + torch.tensor([1.5, 0.0, 0.0, 0.0])  # every picture moved
+    tie = fid_difference(near, also_near, reference, draws=200)
+    assert tie.low < 0 < tie.high and abs(tie.value) < 0.1
+    gap = fid_difference(near, far, reference, draws=200)
+    assert gap.value == pytest.approx(frechet_distance(near, reference) - frechet_distance(far, reference))
+    assert gap.high < 0 and gap.value < -2  # ‖Δμ‖² = 2.25 against about 0.2
+    with pytest.raises(ValueError, match="the same number of pictures, got 300, 299, 300"):
+        fid_difference(near, far[:299], reference)
+
+
 def test_prompt_files_are_checked(tmp_path):
     good = load_prompt_file()
     assert good["request"]["circle"] == ["circle"]
