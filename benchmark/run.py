@@ -185,13 +185,24 @@ def untouched(toy_name: str, model, clip, classifier, plan: Plan, prompt_file: d
 # --- scoring one erased model ---------------------------------------------------------------------
 
 @dataclass
-class Scored:
-    """One erased model measured: the judged pictures behind H_o, the FID, the attacks."""
+class Scores:
+    """What `score` measures of one erased model: the judged pictures behind H_o, each split's
+    accuracy, each kept concept's, and the FID of the kept concepts' pictures with their features
+    and the untouched model's, row by row (the same prompt and noise)."""
 
     judged: stats.Judged
     per_split: dict[str, dict[str, float]]  # split -> erased concept -> accuracy
     acc_s_per_concept: dict[str, float]
     fid: float
+    kept_features: torch.Tensor
+    reference_features: torch.Tensor
+
+
+@dataclass
+class Scored:
+    """One erased model measured: its scores, the attacks, the time it took."""
+
+    scores: Scores
     attacks: list[dict]
     strong_attacks: list[dict]
     stage1_seconds: float
@@ -199,29 +210,12 @@ class Scored:
     info: dict
 
     def summary(self) -> dict:
-        j = self.judged
+        j = self.scores.judged
         return {"acc_e": stats.share(j.erased).to_json(), "acc_g": stats.share(j.general).to_json(),
-                "acc_s": stats.share(j.kept).to_json(), "h_o": j.h_o(), "fid_preserve": self.fid,
-                "per_split": self.per_split, "acc_s_per_concept": self.acc_s_per_concept,
+                "acc_s": stats.share(j.kept).to_json(), "h_o": j.h_o(), "fid_preserve": self.scores.fid,
+                "per_split": self.scores.per_split, "acc_s_per_concept": self.scores.acc_s_per_concept,
                 "attacks": [_light(a) for a in self.attacks], "strong_attacks": [_light(a) for a in self.strong_attacks],
                 "stage1_seconds": self.stage1_seconds, "stage2_seconds": self.stage2_seconds, "info": self.info}
-
-
-@dataclass
-class Scores:
-    """What `score` measures of one erased model: the judged pictures, each split's accuracy, each
-    kept concept's, and the kept concepts' pictures against the untouched model's (their features
-    row by row: the same prompt and noise)."""
-
-    judged: stats.Judged
-    per_split: dict[str, dict[str, float]]
-    acc_s_per_concept: dict[str, float]
-    kept_features: torch.Tensor
-    reference_features: torch.Tensor
-
-    @property
-    def fid(self) -> float:
-        return frechet_distance(self.kept_features, self.reference_features)
 
 
 def score(erased, clip, classifier, names: list[str], per_erased: int, kept: dict[str, int], reference: dict,
@@ -237,9 +231,9 @@ def score(erased, clip, classifier, names: list[str], per_erased: int, kept: dic
         kept=[ok for m in others.values() for ok in m.shown])
     mine = torch.cat([m.pictures for m in others.values()])
     theirs = torch.cat([reference["pictures"][n][:kept[n]].float() for n in others])
+    mine, theirs = classifier_features(classifier, mine), classifier_features(classifier, theirs)
     return Scores(judged, {s: {n: by_split[s][n].accuracy for n in names} for s in SPLITS_OF_A_TARGET},
-                  {n: m.accuracy for n, m in others.items()},
-                  classifier_features(classifier, mine), classifier_features(classifier, theirs))
+                  {n: m.accuracy for n, m in others.items()}, frechet_distance(mine, theirs), mine, theirs)
 
 
 def _light(attack: dict) -> dict:
@@ -282,9 +276,8 @@ def compare_methods(toy_name: str, model, clip, classifier, plan: Plan, prompt_f
             attacks = attack_all(erased, clip, classifier, target, plan, prompt_file)
             strong = attack_all(erased, clip, classifier, target, plan, prompt_file, plan.budget.strong_attack) \
                 if plan.budget.strong_attack and method in plan.toys[toy_name].strong_methods else []
-            results[method][target] = Scored(judged, scores.per_split, scores.acc_s_per_concept, fid, attacks, strong,
-                                             erased.stage1_seconds,
-                                             erased.stage2_seconds, erased.info)
+            results[method][target] = Scored(scores, attacks, strong, erased.stage1_seconds, erased.stage2_seconds,
+                                             erased.info)
             columns[method] = sample(erased.model, clip, rows)
             log(f"{toy_name:<13} {target:<9} {method:<15} Acc_e {stats.share(judged.erased)}  "
                 f"Acc_g {stats.share(judged.general)}  Acc_s {stats.share(judged.kept)}  H_o {judged.h_o():.3f}  "
@@ -308,20 +301,21 @@ def scaling(toy_name: str, model, clip, classifier, plan: Plan, prompt_file: dic
         kept_names = [n for n in names if n not in erased_names]
         kept = {n: kept_count(plan.budget, len(kept_names)) for n in kept_names}
         request = make_request(erased_names, prompt_file)
-        features = {}
+        ace_features = None
         for method in toy.scaling_methods:
             erased = erasers.run_method(method, model, clip, request, quick=plan.mode == "quick",
                                         stage1_only=plan.stage1_only)
             scores = score(erased, clip, classifier, erased_names, plan.budget.scaling_per_erased, kept, reference,
                            prompt_file)
             judged, fid = scores.judged, scores.fid
-            features[method] = scores.kept_features
             row = {"method": method, "n_concepts": size, "acc_e": stats.share(judged.erased).to_json(),
                    "acc_g": stats.share(judged.general).to_json(), "acc_s": stats.share(judged.kept).to_json(),
                    "h_o": judged.h_o(), "fid_preserve": fid, "acc_s_per_concept": scores.acc_s_per_concept,
                    "seconds": erased.stage1_seconds + erased.stage2_seconds}
-            if "ace" in features and method != "ace":  # is ACE's FID lower than this method's beyond noise?
-                row["fid_ace_minus_this"] = stats.fid_difference(features["ace"], scores.kept_features,
+            if method == "ace":
+                ace_features = scores.kept_features
+            elif ace_features is not None:  # is ACE's FID lower than this method's beyond noise?
+                row["fid_ace_minus_this"] = stats.fid_difference(ace_features, scores.kept_features,
                                                                  scores.reference_features).to_json()
             out.append(row)
             log(f"{toy_name:<13} scaling {method:<7} {size:>2} concepts  Acc_e {stats.share(judged.erased)}  "
@@ -339,14 +333,14 @@ def summarize(results: dict[str, dict[str, Scored]], plan: Plan) -> dict:
         attacks = [a for s in scored for a in s.attacks]
         strong = [a for s in scored for a in s.strong_attacks]
         summary[method] = {
-            "acc_e": stats.share([x for s in scored for x in s.judged.erased]).to_json(),
-            "acc_g": stats.share([x for s in scored for x in s.judged.general]).to_json(),
-            "acc_s": stats.share([x for s in scored for x in s.judged.kept]).to_json(),
-            "h_o": stats.h_o_interval([s.judged for s in scored]).to_json(),
+            "acc_e": stats.share([x for s in scored for x in s.scores.judged.erased]).to_json(),
+            "acc_g": stats.share([x for s in scored for x in s.scores.judged.general]).to_json(),
+            "acc_s": stats.share([x for s in scored for x in s.scores.judged.kept]).to_json(),
+            "h_o": stats.h_o_interval([s.scores.judged for s in scored]).to_json(),
             "asr": stats.share([a["brought_back"] for a in attacks]).to_json() if attacks else None,
             "attack_accuracy": stats.share([ok for a in attacks for ok in a["shown"]]).to_json() if attacks else None,
             "asr_strong": stats.share([a["brought_back"] for a in strong]).to_json() if strong else None,
-            "fid_preserve": sum(s.fid for s in scored) / len(scored),
+            "fid_preserve": sum(s.scores.fid for s in scored) / len(scored),
             "stage1_s_per_concept": sum(s.stage1_seconds for s in scored) / len(scored),
             "stage2_s_per_concept": sum(s.stage2_seconds for s in scored) / len(scored),
             "per_target": {t: s.summary() for t, s in by_target.items()},
@@ -355,8 +349,8 @@ def summarize(results: dict[str, dict[str, Scored]], plan: Plan) -> dict:
         summary["ace"]["difference_to"] = {}
         for other in results:
             if other != "ace":
-                d = stats.h_o_difference([s.judged for s in results["ace"].values()],
-                                         [s.judged for s in results[other].values()])
+                d = stats.h_o_difference([s.scores.judged for s in results["ace"].values()],
+                                         [s.scores.judged for s in results[other].values()])
                 summary["ace"]["difference_to"][other] = {"h_o": d.to_json(), "within_noise": stats.within_noise(d)}
     return summary
 

@@ -55,6 +55,20 @@ def test_paired_fid_difference_tells_a_tie_from_a_gap():
         fid_difference(near, far[:299], reference)
 
 
+def test_scaling_table_shows_each_baselines_fid_against_aces():
+    from benchmark.report import scaling_table
+
+    share = {"value": 0.9, "low": 0.85, "high": 0.95, "n": 288}
+    row = {"n_concepts": 10, "acc_e": share, "acc_g": share, "acc_s": share, "h_o": 0.8, "seconds": 2.0}
+    table = scaling_table({"scaling": [
+        dict(row, method="ace", fid_preserve=38.4),
+        dict(row, method="uce", fid_preserve=65.6, fid_ace_minus_this={"value": -27.2, "low": -62.7, "high": -5.3, "n": 288}),
+    ]})
+    assert "FID: ACE minus this [95%]" in table[0]
+    assert table[2].split(" | ")[6:8] == ["38.4", "—"]
+    assert table[3].split(" | ")[6:8] == ["65.6", "-27.2 [-62.7, -5.3]"]
+
+
 def test_prompt_files_are_checked(tmp_path):
     good = load_prompt_file()
     assert good["request"]["circle"] == ["circle"]
