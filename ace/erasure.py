@@ -14,7 +14,7 @@ from .expansion import ExpansionConfig, expand
 from .families import GATE_SCOPES, Projection, check_family
 from .finetune import FinetuneConfig, StepReport, finetune, sample_latents
 from .network import Network
-from .tokens import RequestTokens, collect_request
+from .tokens import RequestTokens, collect_request, prompts_to
 
 
 @dataclass
@@ -109,10 +109,9 @@ def fine_tune(
         with adapter.disabled():
             latents = []
             for i, c in enumerate(tokens.concepts):
-                context, pooled = c.concept_at(slice(training.images_per_concept))
-                latents.append(sample_latents(denoise, context.to(network.device), network.latent_shape,
-                                              network.sample_sigmas, seed=training.seed + i,
-                                              pooled=None if pooled is None else pooled.to(network.device)))
+                context, pooled = prompts_to(c.concept_at(slice(training.images_per_concept)), network.device)
+                latents.append(sample_latents(denoise, context, network.latent_shape, network.sample_sigmas,
+                                              seed=training.seed + i, pooled=pooled))
         result = finetune(adapter, denoise, network, tokens, latents, training, callback)
     adapter.to("cpu")
     info = dict(erasure.info, stage2_seconds=result.seconds, history=result.history,

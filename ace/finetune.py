@@ -43,7 +43,7 @@ import torch
 
 from .adapter import GatedAdapter
 from .network import Denoiser, Network
-from .tokens import RequestTokens
+from .tokens import RequestTokens, prompts_to
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,11 @@ def autograd_safe(module: torch.nn.Module) -> None:
                     setattr(owner, name, b.clone())
 
 
+def _kept_share(n: int) -> int:
+    """How many of n preserve prompts or anchor tokens come from the kept concepts: half, at least one."""
+    return n // 2 or 1
+
+
 def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).square().flatten(1).mean(1)
 
@@ -174,11 +179,10 @@ def finetune(
         return usable(context), None if pooled is None else usable(pooled)
 
     def draw(n: int, kept: torch.Tensor, size: int) -> torch.Tensor:
-        """n indices in range(size), half of them (at least one) from `kept` when it has any."""
+        """n indices in range(size), the kept share of them from `kept` when it has any."""
         index = pick(size, n)
         if len(kept):
-            share = n // 2 or 1
-            index[:share] = kept[pick(len(kept), share)]
+            index[:_kept_share(n)] = kept[pick(len(kept), _kept_share(n))]
         return index
 
     with torch.inference_mode(False), torch.enable_grad():
@@ -192,11 +196,11 @@ def finetune(
         # tokens: a few among the everyday prompts, they are where the erasure does its harm.
         kept_prompts = tokens.kept_mask.any(1).nonzero().flatten()
 
-        def anchor_tokens(n: int) -> torch.Tensor:  # preserve embeddings, half of them (at least one) kept ones
+        def anchor_tokens(n: int) -> torch.Tensor:  # preserve embeddings, the kept share of them kept ones
             if not len(K):  # a request that keeps no concept
                 return P[pick(len(P), n).to(device)]
-            share = n // 2 or 1
-            return torch.cat([K[pick(len(K), share).to(device)], P[pick(len(P), n - share).to(device)]])
+            k = _kept_share(n)
+            return torch.cat([K[pick(len(K), k).to(device)], P[pick(len(P), n - k).to(device)]])
         soft = [SoftWord(network, c.concept.target, cfg) if cfg.attack_steps and cfg.adversarial_weight else None
                 for c in tokens.concepts]
         target_prompts = [torch.tensor(c.target_prompts()) for c in tokens.concepts]
@@ -294,9 +298,8 @@ def _anchor(adapter: GatedAdapter, weights: list[torch.Tensor], P: torch.Tensor)
 def _on_policy(denoise, network: Network, concept, generator, device) -> torch.Tensor:
     """One picture of the concept drawn by the edited model, as a clean latent."""
     prompt = int(torch.randint(0, len(concept.prompts), (1,), generator=generator))
-    context, pooled = concept.concept_at(slice(prompt, prompt + 1))
-    pooled = None if pooled is None else pooled.to(device)
-    return sample_latents(denoise, context.to(device), network.latent_shape,
+    context, pooled = prompts_to(concept.concept_at(slice(prompt, prompt + 1)), device)
+    return sample_latents(denoise, context, network.latent_shape,
                           network.sample_sigmas, seed=int(torch.randint(0, 2**31, (1,), generator=generator)),
                           pooled=pooled)[0]
 

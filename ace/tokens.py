@@ -202,6 +202,12 @@ def _pooled_at(pooled: torch.Tensor | None, index) -> torch.Tensor | None:
     return None if pooled is None else pooled[index]
 
 
+def prompts_to(prompts: tuple[torch.Tensor, torch.Tensor | None], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A (context, pooled or None) pair, as `concept_at` and the like return it, on `device`."""
+    context, pooled = prompts
+    return context.to(device), None if pooled is None else pooled.to(device)
+
+
 def fill(template: str, phrase: str) -> str:
     return " ".join(template.format(phrase).split()).strip(" ,")
 
