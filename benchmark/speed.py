@@ -6,16 +6,17 @@
 Per family, at its native resolution (SD1.5 512 px, SDXL 1024 px; `--resolution` for another):
 seconds per concept of stage 1 (the closed form, and with stage 0 through the family's real CLIP
 classes) when `--solve` concepts are solved at once, of concept expansion for one concept (its
-vocabulary scan and its response test; expansion goes concept by concept), of stage 2 per step
+vocabulary scan, its response gradient and its response test; expansion goes concept by concept), of stage 2 per step
 and for the default number of steps (at the default batch, precision and checkpointing of the
 device), and the sampling overhead of the erased model against the base model for each
 `--concepts` count. Random weights stand in for the real ones: the cost depends on shapes, not
 values. `--small` builds the same layouts at a fifth of the width, with 3-layer text encoders, at
-256 px, and asks expansion's response test about 4 words with 2 noise draws instead of 48 and 8:
-a smoke run for a CPU, whose figures say nothing about the real models. The response test costs
-(1 + words + kept concepts) × 2 noise levels × draws pictures through the UNet, so a reduced test
-(`--expansion-words`, `--expansion-draws`) times a full one by proportion. Run it with nothing
-else on the machine.
+256 px, and asks expansion's response test about 4 + 4 words (by value space and by response
+gradient) with 2 noise draws instead of 48 + 48 and 8: a smoke run for a CPU, whose figures say
+nothing about the real models. The response test costs (1 + words + kept concepts) × 2 noise
+levels × draws pictures through the UNet, so a reduced test (`--expansion-words`,
+`--expansion-draws`) times a full one by proportion; the gradient costs 2 noise levels × (2
+forward passes and one backward) of `draws` pictures. Run it with nothing else on the machine.
 
 The sampling overhead of N concepts is timed with an erasure whose N gates are copies of one
 solved concept's gate and whose joint edit has the rank N concepts get (the rank per concept times
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="stage-2 steps to time")
     parser.add_argument("--small", action="store_true", help="small layouts at 256 px (a CPU smoke run)")
     parser.add_argument("--expansion-words", type=int, default=0,
-                        help="words expansion's response test asks about (default 48; --small: 4)")
+                        help="words expansion's response test asks about, by each ranking (value space, response "
+                             "gradient; default 48 each; --small: 4)")
     parser.add_argument("--expansion-draws", type=int, default=0,
                         help="noise draws per noise level of that test (default 8; --small: 2)")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
@@ -244,9 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     device = host.host().device
     expansion = pack.ace.expansion.ExpansionConfig()
     if args.small:  # a smoke run: the response test's forward passes at a CPU's pace would take minutes
-        expansion = dataclasses.replace(expansion, candidates=4, noise_draws=2)
+        expansion = dataclasses.replace(expansion, candidates=4, gradient_candidates=4, noise_draws=2)
     if args.expansion_words or args.expansion_draws:
-        expansion = dataclasses.replace(expansion, candidates=args.expansion_words or expansion.candidates,
+        words = args.expansion_words or expansion.candidates
+        expansion = dataclasses.replace(expansion, candidates=words, gradient_candidates=words,
                                         noise_draws=args.expansion_draws or expansion.noise_draws)
     report = {"machine": host.machine(), "device": device, "small": args.small, "families": {},
               "command": " ".join(["python -m benchmark.speed", *(argv if argv is not None else sys.argv[1:])])}

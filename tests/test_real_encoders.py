@@ -148,3 +148,52 @@ def test_closed_form_and_gate_on_the_real_encoders(request, family):
         outs.append(m.model.apply_model(x, sigma, c_crossattn=context, **({} if y is None else {"y": y})).float())
     change = (outs[1] - outs[0]).abs().flatten(1).mean(1)
     assert change[0] > 1e-3 and change[1] < 0.05 * change[0]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_expansion_runs_through_comfyuis_unet_and_its_gradient_is_the_response_slope(request, family):
+    """Expansion on ComfyUI's own models (SD1.5 from the tiny checkpoint; SDXL in memory, with its
+    pooled text): the response gradient is taken through ComfyUI's UNet with the weights as its
+    loader left them, it matches the slope measured by finite differences, no weight of the model
+    gets a gradient or changes, and the response test runs on the candidates it brought."""
+    if family == "sd15":
+        model, clip, _ = request.getfixturevalue("tiny_sd15")
+    else:
+        model, clip = request.getfixturevalue("sdxl_model"), request.getfixturevalue("sdxl_clip")
+    import comfy.model_management
+
+    comfy_models, expansion = pack().nodes.comfy_models, pack().ace.expansion
+    network = comfy_models.network_of(model, clip, resolution=64)
+    before = {k: v.detach().clone() for k, v in network.weights.items()}
+    encoder, sigmas, draws = network.encoder, network.sample_sigmas[2:4], 2
+    prompt, neutral = "a vincent", "a painting"
+    position = encoder.start_tokens + encoder.count_tokens(prompt) - 1
+    contexts, pooled = encoder.encode_pooled([prompt, neutral])
+    comfy.model_management.load_models_gpu([model])
+    with network.attach(pack().ace.adapter.ProjectionEdit([])) as denoise:
+        gradient = expansion.response_gradient(denoise, encoder, prompt, position, neutral, sigmas,
+                                               network.latent_shape, draws, network.device)
+        assert torch.isfinite(gradient).all() and gradient.norm() > 0
+
+        def along(shift: float) -> float:  # Σ ⟨D(context with the word's row moved), response⟩
+            device = network.device
+            context, neutral_context = (c.to(device).expand(draws, -1, -1) for c in (contexts[:1], contexts[1:]))
+            text, neutral_text = (None, None) if pooled is None else (p.to(device).expand(draws, -1) for p in (pooled[:1], pooled[1:]))
+            moved = context.clone()
+            moved[:, position] += shift * (gradient / gradient.norm()).to(device, moved.dtype)
+            total = 0.0
+            with torch.no_grad():
+                for x, s in expansion.noisy_inputs(sigmas, network.latent_shape, draws, device):
+                    response = denoise(x, s, context, text) - denoise(x, s, neutral_context, neutral_text)
+                    total += (denoise(x, s, moved, text).double() * response.double()).sum().item()
+            return total
+
+        step = 1e-2 * contexts[0, position].norm().item()
+        slope = (along(step) - along(-step)) / (2 * step)
+        assert slope == pytest.approx(gradient.norm().item(), rel=0.05)
+    assert all(p.grad is None for p in model.model.diffusion_model.parameters())
+    found = expansion.expand(network, pack().ace.concepts.parse_request("vincent", "a painting", "monet"),
+                             expansion.ExpansionConfig(scan=16, candidates=2, gradient_candidates=2, noise_draws=2))
+    assert set(found.seconds) == {"scan", "gradient", "response"} and found.closest_kept["vincent"][0] == "monet"
+    for key, weight in comfy_models.projection_weights(model, network.projections).items():
+        assert torch.equal(weight, before[key])
