@@ -21,7 +21,8 @@ and "sphere" for a circle). Those words are found in the model itself, never in 
    with its response to the concept. A word is the concept when its response is closer to the
    concept's than `accept_ratio` times the closest of the concepts the request keeps (calibrated on
    the model itself: a kept concept is by definition not the erased one), and never farther than
-   `accept_distance`. The bound matters when every kept concept is far from the erased one: on
+   `accept_distance` (`gradient_accept_distance` for a word only the gradient brought: it was
+   chosen for answering like the concept, so it passes more easily). The bound matters when every kept concept is far from the erased one: on
    the causal toy, erasing "circle" while keeping three coloured shapes put the closest kept
    concept at 1.76, and the ratio alone accepted "shapes" (0.47) and, for the made-up name
    "Vexmoor", ten unrelated words (0.75-0.85), while the concept's real other words sit below
