@@ -424,6 +424,20 @@ def test_expansion_finds_the_words_the_network_draws_the_concept_from(unet):
     assert off.request == request and "expansion" not in off.info
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"candidates": 0}, "candidates must be an integer from 1 to 1000000, got 0"),
+    ({"gradient_candidates": -1}, "gradient candidates must be an integer from 0 to 1000000, got -1"),
+    ({"gradient_accept_distance": 0}, r"gradient accept distance must be a number in \(0, 10\], got 0"),
+    ({"template": "a word"}, "needs {} where the word goes"),
+])
+def test_expansion_settings_are_checked(settings, message):
+    from ace.expansion import ExpansionConfig
+
+    with pytest.raises(ValueError, match=message):
+        ExpansionConfig(**settings)
+    assert ExpansionConfig(gradient_candidates=0).gradient_candidates == 0  # the gradient's words off
+
+
 def test_erase_refuses_unsupported_family(encoder, unet):
     with pytest.raises(UnsupportedModelError, match="Flux model; ACE supports Stable Diffusion 1.x"):
         erase(toy_network(unet, encoder, "Flux"), parse_request("beagle"))
