@@ -144,15 +144,16 @@ def response_gradient(denoise, encoder, prompt: str, position: int, neutral: str
     contexts, pooled = encoder.encode_pooled([prompt, neutral])
     context, neutral_context = (c.to(device).expand(draws, -1, -1) for c in (contexts[:1], contexts[1:]))
     text, neutral_text = (None, None) if pooled is None else (p.to(device).expand(draws, -1) for p in (pooled[:1], pooled[1:]))
-    gradient = torch.zeros(context.shape[-1])
+    per_level = []  # summed after the loop: ComfyUI's executor runs nodes in inference mode, where a
+    # tensor made outside the block below could not be updated in place inside it
     with torch.inference_mode(False), torch.enable_grad():
         for x, s in noisy_inputs(sigmas, latent_shape, draws, device):
             with torch.no_grad():
                 response = denoise(x, s, context, text) - denoise(x, s, neutral_context, neutral_text)
             rows = context.clone().requires_grad_(True)
             (denoise(x, s, rows, text).float() * response.float()).sum().backward()
-            gradient += rows.grad[:, position].sum(0).float().cpu()
-    return gradient
+            per_level.append(rows.grad[:, position].sum(0).float().cpu())
+    return torch.stack(per_level).sum(0)
 
 
 def expand(network: Network, request: ConceptRequest, cfg: ExpansionConfig = ExpansionConfig()) -> Expansion:

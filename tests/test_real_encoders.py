@@ -170,7 +170,8 @@ def test_expansion_runs_through_comfyuis_unet_and_its_gradient_is_the_response_s
     position = encoder.start_tokens + encoder.count_tokens(prompt) - 1
     contexts, pooled = encoder.encode_pooled([prompt, neutral])
     comfy.model_management.load_models_gpu([model])
-    with network.attach(pack().ace.adapter.ProjectionEdit([])) as denoise:
+    with network.attach(pack().ace.adapter.ProjectionEdit([])) as denoise, torch.inference_mode():
+        # in inference mode, as ComfyUI's executor runs every node
         gradient = expansion.response_gradient(denoise, encoder, prompt, position, neutral, sigmas,
                                                network.latent_shape, draws, network.device)
         assert torch.isfinite(gradient).all() and gradient.norm() > 0
@@ -192,8 +193,9 @@ def test_expansion_runs_through_comfyuis_unet_and_its_gradient_is_the_response_s
         slope = (along(step) - along(-step)) / (2 * step)
         assert slope == pytest.approx(gradient.norm().item(), rel=0.05)
     assert all(p.grad is None for p in model.model.diffusion_model.parameters())
-    found = expansion.expand(network, pack().ace.concepts.parse_request("vincent", "a painting", "monet"),
-                             expansion.ExpansionConfig(scan=16, candidates=2, gradient_candidates=2, noise_draws=2))
+    with torch.inference_mode():
+        found = expansion.expand(network, pack().ace.concepts.parse_request("vincent", "a painting", "monet"),
+                                 expansion.ExpansionConfig(scan=16, candidates=2, gradient_candidates=2, noise_draws=2))
     assert set(found.seconds) == {"scan", "gradient", "response"} and found.closest_kept["vincent"][0] == "monet"
     for key, weight in comfy_models.projection_weights(model, network.projections).items():
         assert torch.equal(weight, before[key])
