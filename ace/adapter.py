@@ -167,7 +167,14 @@ class GatedAdapter(ProjectionEdit):
 
     def _like(self, t: torch.Tensor, x: torch.Tensor, dtype=None) -> torch.Tensor:
         """`t` on x's device (and in `dtype` or x's dtype), cached while `t` does not change."""
-        dtype = dtype or x.dtype
+        like = self._cast(t, x, dtype or x.dtype)
+        if like.is_inference() and torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+            # made in ComfyUI's inference mode (an erasure applied upstream of a node that
+            # differentiates through the model): autograd cannot save it, a copy it can
+            return like.clone()
+        return like
+
+    def _cast(self, t: torch.Tensor, x: torch.Tensor, dtype) -> torch.Tensor:
         if t.device == x.device and t.dtype == dtype:
             return t
         if t.requires_grad and torch.is_grad_enabled():
