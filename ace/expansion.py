@@ -114,6 +114,12 @@ def noisy_inputs(sigmas: torch.Tensor, latent_shape: tuple, draws: int, device) 
              torch.full((draws,), sigma, device=device)) for sigma in sigmas.tolist()]
 
 
+def _per_draw(contexts: torch.Tensor, pooled: torch.Tensor | None, i: int, draws: int, device):
+    """Prompt i's context and pooled text (None if the model takes none), once per noise draw."""
+    text = None if pooled is None else pooled[i:i + 1].to(device).expand(draws, -1)
+    return contexts[i:i + 1].to(device).expand(draws, -1, -1), text
+
+
 def responses(denoise, encoder, prompts: list[str], neutral: str, sigmas: torch.Tensor, latent_shape: tuple,
               draws: int, device) -> torch.Tensor:
     """Each prompt's denoiser response, D(x, σ, prompt) − D(x, σ, neutral), at every σ and noise
@@ -121,15 +127,12 @@ def responses(denoise, encoder, prompts: list[str], neutral: str, sigmas: torch.
     contexts, pooled = encoder.encode_pooled([*prompts, neutral])
     contexts = contexts.to(device)
 
-    def condition(i: int):  # prompt i's context and pooled text (if the model takes it), per draw
-        text = None if pooled is None else pooled[i:i + 1].to(device).expand(draws, -1)
-        return contexts[i:i + 1].expand(draws, -1, -1), text
-
     out = []
     with torch.no_grad():
         for x, s in noisy_inputs(sigmas, latent_shape, draws, device):
-            reference = denoise(x, s, *condition(len(prompts)))
-            rows = [(denoise(x, s, *condition(i)) - reference).flatten().cpu() for i in range(len(prompts))]
+            reference = denoise(x, s, *_per_draw(contexts, pooled, len(prompts), draws, device))
+            rows = [(denoise(x, s, *_per_draw(contexts, pooled, i, draws, device)) - reference).flatten().cpu()
+                    for i in range(len(prompts))]
             out.append(torch.stack(rows))
     return torch.cat(out, dim=1)
 
@@ -142,8 +145,7 @@ def response_gradient(denoise, encoder, prompt: str, position: int, neutral: str
     response held fixed. A word whose context row lies further along it than the prompt's word
     makes the model draw more of what the prompt draws (to first order)."""
     contexts, pooled = encoder.encode_pooled([prompt, neutral])
-    context, neutral_context = (c.to(device).expand(draws, -1, -1) for c in (contexts[:1], contexts[1:]))
-    text, neutral_text = (None, None) if pooled is None else (p.to(device).expand(draws, -1) for p in (pooled[:1], pooled[1:]))
+    (context, text), (neutral_context, neutral_text) = (_per_draw(contexts, pooled, i, draws, device) for i in (0, 1))
     per_level = []  # summed after the loop: ComfyUI's executor runs nodes in inference mode, where a
     # tensor made outside the block below could not be updated in place inside it
     with torch.inference_mode(False), torch.enable_grad():
