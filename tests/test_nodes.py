@@ -330,6 +330,28 @@ def test_chained_erasures_add_up(tiny_sd15_name):
     assert (full - half).abs().max() > 10 * (full - halves).abs().max()
 
 
+def test_fine_tuning_on_a_model_that_already_carries_an_erasure(tiny_sd15_name):
+    """ACE Erase Concept with stage 2 on an erased MODEL: it trains through the upstream adapter
+    (whose tensors ComfyUI made in inference mode), keeps that erasure, and leaves it unchanged."""
+    graph = {
+        "1": ckpt(tiny_sd15_name),
+        "2": erase_node(concepts="snoopy", anchor="a dog", preserve=""),
+        "3": erase_node(steps=2, model=("2", 0)),
+        **render("a", ("2", 0), "a painting by van gogh"),
+        **render("b", ("3", 0), "a painting by van gogh"),
+        **render("s", ("2", 0), "snoopy"),
+    }
+    result = run_graph(graph, fresh_cache=True)
+    first, second = result.outputs["2"][1], result.outputs["3"][1]
+    history = second.info["history"]
+    assert len(history) == 2 and all(math.isfinite(v) for h in history for v in h.values())
+    assert all(p.grad is None for p in first.adapter.parameters())  # nothing flowed into the upstream erasure
+    assert (image(result, "a") - image(result, "b")).abs().max() > 1e-3  # the second erasure acts
+    alone = run_graph({"1": ckpt(tiny_sd15_name), "2": erase_node(concepts="snoopy", anchor="a dog", preserve=""),
+                       **render("s", ("2", 0), "snoopy")})
+    assert torch.equal(image(result, "s"), image(alone, "s"))  # the upstream erasure is as it was
+
+
 def test_weights_come_from_the_model_not_from_another_clone_loaded_in_memory(tiny_sd15):
     """ComfyUI patches shared weights in place for the clone it loaded last (a LoRA branch); the
     erasure must still be solved against this MODEL's own weights."""
