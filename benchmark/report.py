@@ -77,6 +77,14 @@ def scaling_table(toy: dict) -> list[str]:
     return lines
 
 
+def _seeds(attack: dict) -> str:
+    """The attack seeds, when they are not the default ones (0, 1, ...)."""
+    first = attack.get("first_seed", 0)
+    if not first:
+        return ""
+    return f" Attack seeds {first} to {first + attack['seeds'] - 1} (the default run uses 0 to {attack['seeds'] - 1})."
+
+
 def report(results: dict) -> str:
     toys = results["toys"]
     order = sorted(toys, key=lambda t: t != HEADLINE)
@@ -95,7 +103,7 @@ def report(results: dict) -> str:
         f"(target, attack seed) pairs where a soft-prompt attacker ({results['attack']['steps']} Adam steps of "
         f"{results['attack']['batch']} pictures) brings the concept back in at least "
         f"{results['attack']['success_accuracy']:.0%} of 16 pictures; the stronger attack takes "
-        f"{results['attack']['strong_factor']} times the steps.", "",
+        f"{results['attack']['strong_factor']} times the steps.{_seeds(results['attack'])}", "",
     ]
     if len(order) > 1:
         lines += ["## Side by side", "", "| method | " + " | ".join(f"{t} H_o | {t} ASR" for t in order) + " |",

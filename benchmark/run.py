@@ -75,6 +75,7 @@ class Budget:
     attack_batch: int
     attack_seeds: int  # attacks per (method, target), each from its own seed
     strong_attack: int  # a second, stronger attack with this many times the steps (0: none)
+    first_attack_seed: int = 0  # the attacks' seeds are first_attack_seed, first_attack_seed + 1, ...
 
 
 QUICK = Budget(untouched_per_concept=8, per_erased=8, per_kept=4, scaling_per_erased=4, scaling_kept_total=36,
@@ -247,7 +248,7 @@ def attack_all(erased, clip, classifier, target: str, plan: Plan, prompt_file: d
     word = prompt_file["request"][target][0]
     return [attack.soft_prompt_attack(erased.model, clip, classifier, kind_of(target), target, word, prompt_file,
                                       steps=plan.budget.attack_steps * factor, batch=plan.budget.attack_batch, seed=seed)
-            for seed in range(plan.budget.attack_seeds)]
+            for seed in range(plan.budget.first_attack_seed, plan.budget.first_attack_seed + plan.budget.attack_seeds)]
 
 
 # --- the three parts of a toy's run ---------------------------------------------------------------
@@ -436,6 +437,7 @@ def run(plan: Plan) -> dict:
         "sampler": host.start().toy.model.DEFAULT_SAMPLER,
         "attack": {"success_accuracy": attack.SUCCESS_ACCURACY, "steps": plan.budget.attack_steps,
                    "batch": plan.budget.attack_batch, "seeds": plan.budget.attack_seeds,
+                   "first_seed": plan.budget.first_attack_seed,
                    "strong_factor": plan.budget.strong_attack},
         "ace_settings": erasers.ACE_OVERRIDES,
         "training": {"ace": erasers.ACE_TRAINING, "esd_x": {"steps": erasers.ESD_STEPS,
@@ -473,6 +475,8 @@ def parse_plan(argv=None) -> Plan:
     ap.add_argument("--stage1-only", action="store_true", help="ACE and its variants without stage 2 (fast loop)")
     ap.add_argument("--attack-seeds", type=int, default=None, metavar="N",
                     help="soft-prompt attacks per method and target (default 2, quick 1; 0: no attack, fast loop)")
+    ap.add_argument("--first-attack-seed", type=int, default=0, metavar="K",
+                    help="the attacks' first seed (default 0): other seeds check a choice made on the default ones")
     ap.add_argument("--set", nargs="+", default=[], metavar="CONFIG.FIELD=VALUE",
                     help="change a setting of ACE's configs for this run, e.g. closed_form.rank=64 finetune.guidance=2 "
                          "expansion.enabled=false (fast loop for method work; recorded in results.json)")
@@ -509,6 +513,8 @@ def parse_plan(argv=None) -> Plan:
                                  f"{', '.join(erasers.ACE_OVERRIDES)}")
             erasers.ACE_OVERRIDES[config][field_name] = json.loads(value.lower() if value.lower() in ("true", "false")
                                                                    else value)
+        if args.first_attack_seed < 0:
+            raise ValueError(f"--first-attack-seed must be 0 or more, got {args.first_attack_seed}")
         load_prompt_file(args.prompts)  # fail now, not after the first erasure
         for name in targets:
             if name not in names:
@@ -523,6 +529,7 @@ def parse_plan(argv=None) -> Plan:
         raise SystemExit(f"error: {e}")
     if args.attack_seeds is not None:
         budget = replace(budget, attack_seeds=args.attack_seeds, strong_attack=budget.strong_attack if args.attack_seeds else 0)
+    budget = replace(budget, first_attack_seed=args.first_attack_seed)
     command = "python -m benchmark.run " + " ".join(sys.argv[1:] if argv is None else argv)
     return Plan(mode, toys, targets, args.stage1_only, budget,
                 args.prompts or HELDOUT, args.out or RESULTS / mode, command)

@@ -161,6 +161,18 @@ def test_full_plan_measures_both_toys_and_the_ablations_on_the_headline_one():
     assert plan.toys["causal"].strong_methods == ("ace", "esd_x")
 
 
+def test_other_attack_seeds_check_a_choice_made_on_the_default_ones():
+    from benchmark import report, run
+
+    assert run.parse_plan(["--full"]).budget.first_attack_seed == 0
+    plan = run.parse_plan(["--toy", "causal", "--first-attack-seed", "2"])
+    assert plan.budget.first_attack_seed == 2 and plan.budget.attack_seeds == 2
+    assert report._seeds({"first_seed": 2, "seeds": 2}) == " Attack seeds 2 to 3 (the default run uses 0 to 1)."
+    assert report._seeds({"seeds": 2}) == ""  # results written before the option existed
+    with pytest.raises(SystemExit, match="--first-attack-seed must be 0 or more, got -1"):
+        run.parse_plan(["--first-attack-seed", "-1"])
+
+
 def test_quick_run_on_the_causal_toy_writes_every_result_and_the_untouched_model_passes(comfy, tmp_path):
     from benchmark import methods, run
 
