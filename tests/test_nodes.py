@@ -332,7 +332,8 @@ def test_chained_erasures_add_up(tiny_sd15_name):
 
 def test_fine_tuning_on_a_model_that_already_carries_an_erasure(tiny_sd15_name):
     """ACE Erase Concept with stage 2 on an erased MODEL: it trains through the upstream adapter
-    (whose tensors ComfyUI made in inference mode), keeps that erasure, and leaves it unchanged."""
+    (whose tensors ComfyUI made in inference mode) and leaves that erasure unchanged (that chained
+    edits add up is `test_chained_erasures_add_up`)."""
     graph = {
         "1": ckpt(tiny_sd15_name),
         "2": erase_node(concepts="snoopy", anchor="a dog", preserve=""),
