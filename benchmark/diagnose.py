@@ -2,11 +2,15 @@
 
     .venv/bin/python -m benchmark.diagnose                         # causal toy, the four targets, stage 1
     .venv/bin/python -m benchmark.diagnose --toy bidirectional --steps 40 --scaling 10 --out diag.json
+    .venv/bin/python -m benchmark.diagnose --steps 40 --attack-steps 40 160 --attack-seeds 0 1 --scaling
 
 For each target erased alone (ACE, stage 1 unless --steps), the target's gate on the words the
 request names, on the concept's other words (left-out synonyms), on templates training never
-saw, on the soft word a textual-inversion attacker ends with, and on kept concepts' prompts,
-those that name the erased attribute ("a red striped hourglass" with "red" erased) apart. With
+saw, and on kept concepts' prompts, those that name the erased attribute ("a red striped
+hourglass" with "red" erased) apart. Then the benchmark's soft-prompt attack, for each number of
+steps and seed: how often the erased model draws the concept from the attacked prompts, how often
+the untouched model does (high: the attacker found another word for the concept that the erasure
+misses; low: the word works only through the erasure, undoing it), and the gate on the soft word. With
 --scaling N, N concepts erased at once: how many gates open (> 0.5) on each kept prompt, and how
 far the routed gate opens there. A gate is the largest value over a prompt's tokens.
 """
@@ -19,9 +23,11 @@ from pathlib import Path
 import torch
 
 from benchmark.prompts import load_prompt_file, split_prompts
-from benchmark.run import SCALING_ORDER, TARGETS, kind_of, make_request
+from benchmark.run import FULL, SCALING_ORDER, TARGETS, kind_of, make_request
 from runner import host
 from toy import world
+
+ATTACK_BATCH = FULL.attack_batch  # the benchmark's
 
 
 def prompt_gates(erasure, clip, prompts: list[str]) -> torch.Tensor:
@@ -36,7 +42,8 @@ def summary(values: torch.Tensor) -> dict:
             "max": round(values.max().item(), 3), "n": len(values)}
 
 
-def single(target: str, model, clip, classifier, prompt_file: dict, steps: int, expand: bool) -> dict:
+def single(target: str, model, clip, classifier, prompt_file: dict, steps: int, expand: bool,
+           attack_steps: list[int], attack_seeds: list[int]) -> dict:
     from benchmark.attack import soft_prompt_attack
 
     pack = host.start()
@@ -58,11 +65,16 @@ def single(target: str, model, clip, classifier, prompt_file: dict, steps: int, 
     if composed:
         gate["kept_naming_the_target"] = summary(prompt_gates(erasure, clip, composed)[:, 0])
     erased = pack.nodes.comfy_models.with_erasure(model, erasure, 1.0)
-    hit = soft_prompt_attack(erased, clip, classifier, kind, target, prompt_file["request"][target][0], prompt_file,
-                             steps=40, batch=8)
-    with torch.no_grad():
-        gate["attacker_soft_word"] = summary(erasure.adapter.gate(hit["contexts"]).amax(dim=1)[:, 0])
-    return {"gate": gate, "attack_accuracy": hit["accuracy"],
+    attacks = []
+    for n in attack_steps:
+        for seed in attack_seeds:
+            hit = soft_prompt_attack(erased, clip, classifier, kind, target, prompt_file["request"][target][0],
+                                     prompt_file, steps=n, batch=ATTACK_BATCH, seed=seed, untouched=model)
+            with torch.no_grad():
+                soft_gate = erasure.adapter.gate(hit["contexts"]).amax(dim=1)[:, 0]
+            attacks.append({"steps": n, "seed": seed, "accuracy": hit["accuracy"],
+                            "untouched_accuracy": hit["untouched_accuracy"], "gate": summary(soft_gate)})
+    return {"gate": gate, "attacks": attacks,
             "found_words": erasure.info.get("expansion", {}).get("found", {}).get(target, [])}
 
 
@@ -89,6 +101,9 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", default=list(TARGETS))
     ap.add_argument("--steps", type=int, default=0, help="stage-2 steps per concept (default 0: stage 1 alone)")
     ap.add_argument("--no-expand", action="store_true", help="without concept expansion")
+    ap.add_argument("--attack-steps", type=int, nargs="+", default=[FULL.attack_steps],
+                    help="the soft-prompt attack's Adam steps, one attack per number and seed")
+    ap.add_argument("--attack-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--scaling", type=int, nargs="*", default=[10], help="numbers of concepts erased at once")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args()
@@ -98,7 +113,8 @@ def main() -> None:
     prompt_file, classifier = load_prompt_file(), load_classifier()
     out = {"toy": args.toy, "steps": args.steps, "expand": not args.no_expand, "targets": {}, "scaling": []}
     for target in args.targets:
-        out["targets"][target] = single(target, model, clip, classifier, prompt_file, args.steps, not args.no_expand)
+        out["targets"][target] = single(target, model, clip, classifier, prompt_file, args.steps, not args.no_expand,
+                                        args.attack_steps, args.attack_seeds)
         print(target, json.dumps(out["targets"][target]), flush=True)
     for n in args.scaling:
         out["scaling"].append(several(n, model, clip, prompt_file, args.steps, not args.no_expand))

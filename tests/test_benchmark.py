@@ -203,3 +203,30 @@ def test_quick_run_on_the_causal_toy_writes_every_result_and_the_untouched_model
     for png in ("causal/h_o.png", "causal/scaling.png", "causal/samples_circle.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
         assert f"]({png})" in report
+
+
+def test_the_attack_tells_whether_the_untouched_model_reads_its_word_as_the_concept(comfy):
+    """With no attack steps the soft word is the request word itself: ACE's erasure (both stages, as
+    the benchmark runs it) does not draw it, the untouched model does. Given the same model twice,
+    both readings agree exactly."""
+    from benchmark.attack import soft_prompt_attack
+    from benchmark.run import make_request
+    from toy.classifier import load_classifier
+
+    pack = comfy.pack
+    model, clip, _ = pack.toy.model.load_toy_model("causal")
+    prompt_file, classifier = load_prompt_file(), load_classifier()
+    erasure = pack.nodes.erase.erase_from_model(
+        model, clip, make_request(["circle"], prompt_file), pack.ace.closed_form.ClosedFormConfig(),
+        pack.ace.finetune.FinetuneConfig(steps=40))
+    erased = pack.nodes.comfy_models.with_erasure(model, erasure, 1.0)
+    word = prompt_file["request"]["circle"][0]
+
+    hit = soft_prompt_attack(erased, clip, classifier, "object", "circle", word, prompt_file, steps=0,
+                             eval_prompts=8, untouched=model)
+    assert hit["accuracy"] <= 0.375 and hit["untouched_accuracy"] >= 0.875, hit
+    same = soft_prompt_attack(erased, clip, classifier, "object", "circle", word, prompt_file, steps=0,
+                              eval_prompts=8, untouched=erased)
+    assert same["untouched_accuracy"] == same["accuracy"] == hit["accuracy"]
+    assert "untouched_accuracy" not in soft_prompt_attack(model, clip, classifier, "object", "circle", word,
+                                                          prompt_file, steps=0, eval_prompts=2)
