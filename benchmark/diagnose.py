@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--scaling", type=int, nargs="*", default=[10], help="numbers of concepts erased at once")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args()
+    if min(args.attack_steps) < 0 or min(args.attack_seeds) < 0:
+        ap.error("--attack-steps and --attack-seeds must be 0 or more")
     from toy.classifier import load_classifier
 
     model, clip, _ = host.start().toy.model.load_toy_model(args.toy)

@@ -144,6 +144,16 @@ def test_command_refuses_a_bad_prompt_file_before_any_work(tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.parametrize("option", ["--attack-steps", "--attack-seeds"])
+def test_diagnostics_refuse_a_negative_attack_budget_before_any_work(tmp_path, option):
+    out = tmp_path / "diag.json"
+    done = subprocess.run([sys.executable, "-m", "benchmark.diagnose", option, "-1", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--attack-steps and --attack-seeds must be 0 or more" in done.stderr
+    assert not out.exists()
+
+
 def test_full_plan_measures_both_toys_and_the_ablations_on_the_headline_one():
     from benchmark import methods, run
 
