@@ -27,14 +27,16 @@ from benchmark.run import FULL, SCALING_ORDER, TARGETS, kind_of, make_request
 from runner import host
 from toy import world
 
-ATTACK_BATCH = FULL.attack_batch  # the benchmark's
+
+def context_gates(erasure, context: torch.Tensor) -> torch.Tensor:
+    """[prompts, gates]: each gate's largest value over each prompt's tokens, from their context."""
+    with torch.no_grad():
+        return erasure.adapter.gate(context).amax(dim=1)
 
 
 def prompt_gates(erasure, clip, prompts: list[str]) -> torch.Tensor:
-    """[prompts, gates]: each gate's largest value over each prompt's tokens."""
-    context = host.start().toy.model.encode_prompts(clip, prompts)
-    with torch.no_grad():
-        return erasure.adapter.gate(context).amax(dim=1)
+    """`context_gates` of the prompts."""
+    return context_gates(erasure, host.start().toy.model.encode_prompts(clip, prompts))
 
 
 def summary(values: torch.Tensor) -> dict:
@@ -69,11 +71,10 @@ def single(target: str, model, clip, classifier, prompt_file: dict, steps: int, 
     for n in attack_steps:
         for seed in attack_seeds:
             hit = soft_prompt_attack(erased, clip, classifier, kind, target, prompt_file["request"][target][0],
-                                     prompt_file, steps=n, batch=ATTACK_BATCH, seed=seed, untouched=model)
-            with torch.no_grad():
-                soft_gate = erasure.adapter.gate(hit["contexts"]).amax(dim=1)[:, 0]
+                                     prompt_file, steps=n, batch=FULL.attack_batch, seed=seed, untouched=model)
             attacks.append({"steps": n, "seed": seed, "accuracy": hit["accuracy"],
-                            "untouched_accuracy": hit["untouched_accuracy"], "gate": summary(soft_gate)})
+                            "untouched_accuracy": hit["untouched_accuracy"],
+                            "gate": summary(context_gates(erasure, hit["contexts"])[:, 0])})
     return {"gate": gate, "attacks": attacks,
             "found_words": erasure.info.get("expansion", {}).get("found", {}).get(target, [])}
 
