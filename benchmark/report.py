@@ -124,10 +124,10 @@ def report(results: dict) -> str:
                       f"{toy['training']['machine']}).", ""]
         plan = results["plan"]["toys"].get(t)
         if plan:
+            scaling = (f"scaling {', '.join(map(str, plan['scaling_sizes']))} concepts with "
+                       f"{', '.join(plan['scaling_methods'])}" if plan["scaling_sizes"] else "no scaling runs")
             lines += [f"Measured here: {', '.join(plan['methods'])}; the stronger attack on "
-                      f"{', '.join(plan['strong_methods']) or 'none'}; scaling "
-                      f"{', '.join(map(str, plan['scaling_sizes'])) or 'none'} concepts with "
-                      f"{', '.join(plan['scaling_methods'])}.", ""]
+                      f"{', '.join(plan['strong_methods']) or 'none'}; {scaling}.", ""]
         lines += untouched_table(toy, targets) + [""]
         lines += ["### Methods (pooled over targets)", "", *methods_table(toy), "",
                   f"Best possible H_o here (erased concept at chance, everything else perfect): "
