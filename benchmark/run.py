@@ -58,8 +58,9 @@ SCALING_ORDER = ("circle", "blue", "striped", "Quillane", "triangle", "red", "ch
                  "solid", "Zarnika", "ring", "yellow", "cross", "Vexmoor", "crescent", "diamond", "hourglass")
 UNTOUCHED_FLOOR = 0.9  # every concept must reach this on every split, or no number means anything
 SPLITS_OF_A_TARGET = ("request", "left_out", "heldout")
-# The methods the bars compare under the stronger attack: ACE, its exported model, the baselines.
-STRONG_ATTACKED = ("ace", "ace_baked", "uce", "rece", "esd_x")
+# The methods the bars compare under the stronger attack: ACE, its exported model, the baselines;
+# and ACE trained with every gate open, which tells whether the attacker wins by closing the gate.
+STRONG_ATTACKED = ("ace", "ace_baked", "ace_ungated", "uce", "rece", "esd_x")
 # What the full run measures on its second toy: ACE, stage 1 alone and the baselines.
 SECOND_TOY_METHODS = ("ace", "ace_stage1", "uce", "rece", "esd_x")
 

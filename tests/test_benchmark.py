@@ -161,7 +161,7 @@ def test_full_plan_measures_both_toys_and_the_ablations_on_the_headline_one():
     assert list(plan.toys) == ["causal", "bidirectional"]
     causal, second = plan.toys["causal"], plan.toys["bidirectional"]
     assert causal.methods == methods.METHODS and causal.scaling_sizes == (10, 18)
-    assert set(causal.strong_methods) == {"ace", "ace_baked", "uce", "rece", "esd_x"}
+    assert set(causal.strong_methods) == {"ace", "ace_baked", "ace_ungated", "uce", "rece", "esd_x"}
     assert causal.scaling_methods == ("ace", "uce", "rece", "esd_x")
     assert second.methods == ("ace", "ace_stage1", "uce", "rece", "esd_x")
     assert second.strong_methods == ("ace",) and second.scaling_sizes == (10,) and second.scaling_methods == ("ace", "uce")
@@ -181,6 +181,17 @@ def test_other_attack_seeds_check_a_choice_made_on_the_default_ones():
     assert report._seeds({"seeds": 2}) == ""  # results written before the option existed
     with pytest.raises(SystemExit, match="--first-attack-seed must be 0 or more, got -1"):
         run.parse_plan(["--first-attack-seed", "-1"])
+
+
+def test_report_says_what_each_toy_measured():
+    from benchmark import report
+
+    results = REPO / "benchmark" / "results"
+    full = report.report(json.loads((results / "full" / "results.json").read_text()))
+    assert "the stronger attack on ace, ace_baked, uce, rece, esd_x; scaling 10, 18 concepts with ace, uce, rece, esd_x." in full
+    alone = report.report(json.loads((results / "ungated-strong" / "results.json").read_text()))
+    assert "Measured here: ace_ungated; the stronger attack on ace_ungated; no scaling runs." in alone
+    assert "scaling  concepts" not in alone and "none concepts" not in alone
 
 
 def test_quick_run_on_the_causal_toy_writes_every_result_and_the_untouched_model_passes(comfy, tmp_path):
