@@ -191,7 +191,7 @@ def test_report_says_what_each_toy_measured():
     assert "the stronger attack on ace, ace_baked, uce, rece, esd_x; scaling 10, 18 concepts with ace, uce, rece, esd_x." in full
     alone = report.report(json.loads((results / "ungated-strong" / "results.json").read_text()))
     assert "Measured here: ace_ungated; the stronger attack on ace_ungated; no scaling runs." in alone
-    assert "scaling  concepts" not in alone and "none concepts" not in alone
+    assert "none concepts" not in alone
 
 
 def test_quick_run_on_the_causal_toy_writes_every_result_and_the_untouched_model_passes(comfy, tmp_path):
