@@ -16,6 +16,11 @@ Given the untouched MODEL too, the attacked prompts are also drawn by it, with t
 tells two ways of winning apart: a soft word the untouched model also draws as the concept is
 another word for it that the erasure misses; one it does not draw as the concept works only
 through the erasure, undoing it.
+
+`kept_word_routes` is the attack's discrete floor: the same prompts and noise with the word
+replaced by a word of a concept the request keeps (which the erased model must still draw). In
+the toy world concepts share looks (Quillane is a striped blue crescent), so such a word can bring
+the erased concept's look back without undoing anything.
 """
 from __future__ import annotations
 
@@ -66,6 +71,19 @@ class SoftWord:
         return self.encoder(self.token_lists(prompts))[0]
 
 
+def attacked_prompts(kind: str, name: str, word: str, prompt_file: dict) -> list:
+    """The request prompts of concept `name` that contain the attacked word."""
+    prompts = [p for p in split_prompts(kind, name, "request", prompt_file) if word in p.text]
+    if not prompts:
+        raise ValueError(f"no prompt of {name!r} contains the word {word!r}")
+    return prompts
+
+
+def judged_prompts(prompts: list, name: str, n: int, seed: int) -> list:
+    """The n attacked prompts the attack from `seed` is judged on."""
+    return ordered(prompts, n, f"attack|{name}|{seed}")
+
+
 def concept_shown(model_patcher, clip, classifier, kind: str, prompts: list, contexts: torch.Tensor,
                   seed: int) -> tuple[list[bool], torch.Tensor]:
     """Whether the classifier sees each prompt's concept in the picture `model_patcher` draws from its
@@ -87,9 +105,7 @@ def soft_prompt_attack(model_patcher, clip, classifier, kind: str, name: str, wo
     attacked prompts (`untouched_accuracy`)."""
     pack = host.start()
     toy = pack.toy.model
-    prompts = [p for p in split_prompts(kind, name, "request", prompt_file) if word in p.text]
-    if not prompts:
-        raise ValueError(f"no prompt of {name!r} contains the word {word!r}")
+    prompts = attacked_prompts(kind, name, word, prompt_file)
     soft = SoftWord(clip, word)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -110,7 +126,7 @@ def soft_prompt_attack(model_patcher, clip, classifier, kind: str, name: str, wo
             optimizer.step()
             losses.append(loss.item())
 
-    shown = ordered(prompts, eval_prompts, f"attack|{name}|{seed}")
+    shown = judged_prompts(prompts, name, eval_prompts, seed)
     with torch.no_grad():
         context = soft.encode([p.text for p in shown]).detach()
     oks, images = concept_shown(model_patcher, clip, classifier, kind, shown, context, seed)
@@ -122,3 +138,33 @@ def soft_prompt_attack(model_patcher, clip, classifier, kind: str, name: str, wo
         untouched_oks, _ = concept_shown(untouched, clip, classifier, kind, shown, context, seed)
         result["untouched_accuracy"] = sum(untouched_oks) / len(untouched_oks)
     return result
+
+
+def kept_words(name: str, prompt_file: dict) -> list[str]:
+    """Words of the concepts a benchmark request erasing `name` keeps (each other concept's first
+    request word), and for an entity its look spelled in them ("striped blue crescent")."""
+    words = [prompt_file["request"][other][0] for _, other in world.all_concepts() if other != name]
+    look = world.entity_specs().get(name)
+    if look is not None:
+        words.append(world.describe(*(prompt_file["request"][a][0] for a in (look.object, look.colour, look.style))))
+    return words
+
+
+def kept_word_routes(model_patcher, clip, classifier, kind: str, name: str, word: str, prompt_file: dict,
+                     candidates: list[str], eval_prompts: int = 16, seed: int = 0, untouched=None) -> list[dict]:
+    """For each candidate word, the classifier's accuracy on what `model_patcher` draws from the
+    attack's judged prompts (and noise) of `seed` with `word` replaced by the candidate, best first;
+    with `untouched`, also that model's accuracy on the same prompts."""
+    toy = host.start().toy.model
+    shown = judged_prompts(attacked_prompts(kind, name, word, prompt_file), name, eval_prompts, seed)
+    routes = []
+    for candidate in candidates:
+        texts = [p.text.replace(word, candidate) for p in shown]
+        contexts = toy.encode_prompts(clip, texts)
+        oks, _ = concept_shown(model_patcher, clip, classifier, kind, shown, contexts, seed)
+        route = {"word": candidate, "accuracy": sum(oks) / len(oks), "example": texts[0]}
+        if untouched is not None:
+            untouched_oks, _ = concept_shown(untouched, clip, classifier, kind, shown, contexts, seed)
+            route["untouched_accuracy"] = sum(untouched_oks) / len(untouched_oks)
+        routes.append(route)
+    return sorted(routes, key=lambda r: -r["accuracy"])

@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmark.diagnose                         # causal toy, the four targets, stage 1
     .venv/bin/python -m benchmark.diagnose --toy bidirectional --steps 40 --scaling 10 --out diag.json
     .venv/bin/python -m benchmark.diagnose --steps 40 --attack-steps 40 160 --attack-seeds 0 1 --scaling
+    .venv/bin/python -m benchmark.diagnose --steps 40 --attack-steps 160 --attack-seeds 0 1 --kept-words --scaling
 
 For each target erased alone (ACE, stage 1 unless --steps), the target's gate on the words the
 request names, on the concept's other words (left-out synonyms), on templates training never
@@ -10,7 +11,10 @@ saw, and on kept concepts' prompts, those that name the erased attribute ("a red
 hourglass" with "red" erased) apart. Then the benchmark's soft-prompt attack, for each number of
 steps and seed: how often the erased model draws the concept from the attacked prompts, how often
 the untouched model does (high: the attacker found another word for the concept that the erasure
-misses; low: the word works only through the erasure, undoing it), and the gate on the soft word. With
+misses; low: the word works only through the erasure, undoing it), and the gate on the soft word.
+With --kept-words, for each attack seed, the attack's discrete floor: the same prompts and noise
+with the request word replaced by each word of a concept the request keeps (`attack.kept_words`),
+drawn by the erased and the untouched model, the best three. With
 --scaling N, N concepts erased at once: how many gates open (> 0.5) on each kept prompt, and how
 far the routed gate opens there. A gate is the largest value over a prompt's tokens.
 """
@@ -45,12 +49,13 @@ def summary(values: torch.Tensor) -> dict:
 
 
 def single(target: str, model, clip, classifier, prompt_file: dict, steps: int, expand: bool,
-           attack_steps: list[int], attack_seeds: list[int]) -> dict:
-    from benchmark.attack import soft_prompt_attack
+           attack_steps: list[int], attack_seeds: list[int], kept_words: bool = False) -> dict:
+    from benchmark import attack
 
     pack = host.start()
     ace = pack.ace
     kind = kind_of(target)
+    word = prompt_file["request"][target][0]
     erasure = pack.nodes.erase.erase_from_model(
         model, clip, make_request([target], prompt_file), ace.closed_form.ClosedFormConfig(),
         ace.finetune.FinetuneConfig(steps=steps), expansion=ace.expansion.ExpansionConfig(enabled=expand))
@@ -70,13 +75,20 @@ def single(target: str, model, clip, classifier, prompt_file: dict, steps: int, 
     attacks = []
     for n in attack_steps:
         for seed in attack_seeds:
-            hit = soft_prompt_attack(erased, clip, classifier, kind, target, prompt_file["request"][target][0],
-                                     prompt_file, steps=n, batch=FULL.attack_batch, seed=seed, untouched=model)
+            hit = attack.soft_prompt_attack(erased, clip, classifier, kind, target, word, prompt_file, steps=n,
+                                            batch=FULL.attack_batch, seed=seed, untouched=model)
             attacks.append({"steps": n, "seed": seed, "accuracy": hit["accuracy"],
                             "untouched_accuracy": hit["untouched_accuracy"],
                             "gate": summary(context_gates(erasure, hit["contexts"])[:, 0])})
-    return {"gate": gate, "attacks": attacks,
-            "found_words": erasure.info.get("expansion", {}).get("found", {}).get(target, [])}
+    out = {"gate": gate, "attacks": attacks,
+           "found_words": erasure.info.get("expansion", {}).get("found", {}).get(target, [])}
+    if kept_words:
+        out["kept_word_routes"] = [
+            {"seed": seed, "best": attack.kept_word_routes(erased, clip, classifier, kind, target, word, prompt_file,
+                                                           attack.kept_words(target, prompt_file), seed=seed,
+                                                           untouched=model)[:3]}
+            for seed in attack_seeds]
+    return out
 
 
 def several(n: int, model, clip, prompt_file: dict, steps: int, expand: bool) -> dict:
@@ -105,6 +117,8 @@ def main() -> None:
     ap.add_argument("--attack-steps", type=int, nargs="+", default=[FULL.attack_steps],
                     help="the soft-prompt attack's Adam steps, one attack per number and seed")
     ap.add_argument("--attack-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--kept-words", action="store_true",
+                    help="for each attack seed, the attacked prompts with the word replaced by kept concepts' words")
     ap.add_argument("--scaling", type=int, nargs="*", default=[10], help="numbers of concepts erased at once")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args()
@@ -117,7 +131,7 @@ def main() -> None:
     out = {"toy": args.toy, "steps": args.steps, "expand": not args.no_expand, "targets": {}, "scaling": []}
     for target in args.targets:
         out["targets"][target] = single(target, model, clip, classifier, prompt_file, args.steps, not args.no_expand,
-                                        args.attack_steps, args.attack_seeds)
+                                        args.attack_steps, args.attack_seeds, args.kept_words)
         print(target, json.dumps(out["targets"][target]), flush=True)
     for n in args.scaling:
         out["scaling"].append(several(n, model, clip, prompt_file, args.steps, not args.no_expand))

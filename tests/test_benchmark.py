@@ -251,3 +251,34 @@ def test_the_attack_tells_whether_the_untouched_model_reads_its_word_as_the_conc
     assert same["untouched_accuracy"] == same["accuracy"] == hit["accuracy"]
     assert "untouched_accuracy" not in soft_prompt_attack(model, clip, classifier, "object", "circle", word,
                                                           prompt_file, steps=0, eval_prompts=2)
+
+
+def test_kept_words_are_the_other_concepts_request_words_and_an_entitys_look():
+    from benchmark.attack import kept_words
+
+    prompt_file = load_prompt_file()
+    concepts = world.all_concepts()
+    blue = kept_words("blue", prompt_file)
+    assert len(blue) == len(concepts) - 1
+    assert "Quillane" in blue and "circle" in blue
+    assert not set(prompt_file["request"]["blue"]) & set(blue)
+    quillane = kept_words("Quillane", prompt_file)
+    assert len(quillane) == len(concepts)
+    assert quillane[-1] == "striped blue crescent"
+    assert "Quillane" not in quillane
+
+
+def test_a_kept_word_route_draws_an_entitys_look_from_its_attribute_words(comfy):
+    """On the untouched model, Quillane's attacked prompts with the name replaced by its look in
+    kept words draw Quillane as the classifier judges an entity; a word of another object does not.
+    Routes come best first, and the same model given twice reads the same."""
+    from benchmark.attack import kept_word_routes
+    from toy.classifier import load_classifier
+
+    model, clip, _ = comfy.pack.toy.model.load_toy_model("causal")
+    routes = kept_word_routes(model, clip, load_classifier(), "entity", "Quillane", "Quillane", load_prompt_file(),
+                              ["square", "striped blue crescent"], eval_prompts=4, seed=0, untouched=model)
+    assert [r["word"] for r in routes] == ["striped blue crescent", "square"]
+    assert routes[0]["accuracy"] >= 0.75 and routes[1]["accuracy"] == 0.0, routes
+    assert all(r["untouched_accuracy"] == r["accuracy"] for r in routes)
+    assert routes[0]["example"].endswith("striped blue crescent")
