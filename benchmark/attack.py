@@ -29,7 +29,7 @@ import random
 import torch
 
 from benchmark.evaluate import ordered
-from benchmark.prompts import split_prompts
+from benchmark.prompts import kept_request_words, split_prompts
 from runner import host
 from toy import world
 from toy.classifier import classify, shows
@@ -141,9 +141,9 @@ def soft_prompt_attack(model_patcher, clip, classifier, kind: str, name: str, wo
 
 
 def kept_words(name: str, prompt_file: dict) -> list[str]:
-    """Words of the concepts a benchmark request erasing `name` keeps (each other concept's first
-    request word), and for an entity its look spelled in them ("striped blue crescent")."""
-    words = [prompt_file["request"][other][0] for _, other in world.all_concepts() if other != name]
+    """Words of the concepts a benchmark request erasing `name` keeps, and for an entity its look
+    spelled in them ("striped blue crescent")."""
+    words = kept_request_words([name], prompt_file)
     look = world.entity_specs().get(name)
     if look is not None:
         words.append(world.describe(*(prompt_file["request"][a][0] for a in (look.object, look.colour, look.style))))

@@ -68,3 +68,8 @@ def split_prompts(kind: str, name: str, split: str, prompt_file: dict) -> list[w
         templates = prompt_file["entity_templates" if kind == "entity" else "templates"]
         return world.concept_prompts(kind, name, templates=templates)
     return world.concept_prompts(kind, name, words=prompt_file[split][name])
+
+
+def kept_request_words(erased: list[str], prompt_file: dict) -> list[str]:
+    """The words a benchmark request erasing `erased` keeps: every other concept's first request word."""
+    return [prompt_file["request"][name][0] for _, name in world.all_concepts() if name not in erased]

@@ -44,7 +44,7 @@ import torch
 from benchmark import stats
 from benchmark.evaluate import measure
 from benchmark.metrics import classifier_features, frechet_distance
-from benchmark.prompts import HELDOUT, load_prompt_file, split_prompts
+from benchmark.prompts import HELDOUT, kept_request_words, load_prompt_file, split_prompts
 from runner import host
 from toy import world
 
@@ -126,7 +126,7 @@ def make_request(erased: list[str], prompt_file: dict):
     """Erase each concept under its request words (the first is the target, the rest synonyms),
     anchor "", and keep every other concept of the world by its first request word."""
     concepts = host.start().ace.concepts
-    keep = [prompt_file["request"][name][0] for _, name in world.all_concepts() if name not in erased]
+    keep = kept_request_words(erased, prompt_file)
     items = [concepts.Concept(prompt_file["request"][n][0], tuple(prompt_file["request"][n][1:]), "") for n in erased]
     return concepts.make_request(items, keep)
 
