@@ -17,6 +17,11 @@ the gate reaches as far as the text encoder carries the concept (`families.GATE_
 concept; with `"prompt"` (encoders that read both ways) every position uses the prompt's largest
 gate.
 
+An erasure made with `ClosedFormConfig.change_quantile` below 1 also has a change gate per
+projection, opened by how far the open edit would move the token's output relative to it
+(`change_gate`); the edit then gets the larger of it and the routed gate, so an attacker who shuts
+the concept gates must also make the edit itself small on the word.
+
 The adapter is plain torch. Like every `ProjectionEdit` (the benchmark's ESD-x weight deltas are
 another), it attaches to a network by replacing the `forward` of each projection module
 (`patched_forwards`), which is exactly what a ComfyUI object patch does, so weight patches such as
@@ -38,6 +43,9 @@ from .families import Projection
 # one (a causal encoder: a token carries the words before it); the whole prompt (an encoder that
 # reads both ways).
 GATE_SCOPE_NAMES = ("token", "causal", "prompt")
+# The change gate's temperature, in log relative change: it goes from 0.5 at the threshold to 0.95 at
+# about twice the threshold's relative change.
+CHANGE_TEMPERATURE = 0.25
 
 
 def check_strength(strength: float) -> float:
@@ -60,8 +68,8 @@ class ProjectionEdit(torch.nn.Module):
     def active(self) -> bool:
         return self.enabled
 
-    def delta(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """What is added to projection `index`'s output for input tokens `x` `[..., d]`."""
+    def delta(self, index: int, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """What is added to projection `index`'s output `base` for input tokens `x` `[..., d]`."""
         raise NotImplementedError
 
     def weight_delta(self, index: int) -> torch.Tensor:
@@ -124,7 +132,7 @@ class PatchedForward:
             base = type(self.module).forward(self.module, x, *args, **kwargs)
         if not self.edit.active:
             return base
-        return base + self.edit.delta(self.index, x).to(base.dtype)
+        return base + self.edit.delta(self.index, x, base).to(base.dtype)
 
 
 class GatedAdapter(ProjectionEdit):
@@ -138,6 +146,8 @@ class GatedAdapter(ProjectionEdit):
         lora_down: list[torch.Tensor],  # per projection [r, d]   (A)
         lora_up: list[torch.Tensor],  # per projection [d_out, r]  (B)
         gate_scope: str = "token",  # or "causal" or "prompt": see families.GATE_SCOPES
+        change_threshold: torch.Tensor | None = None,  # [projections] log relative change; None: no change gate
+        change_quantile: float = 1.0,  # the share of preserve tokens the change gates are calibrated shut on
     ):
         super().__init__(projections)
         if gate_scope not in GATE_SCOPE_NAMES:
@@ -149,6 +159,9 @@ class GatedAdapter(ProjectionEdit):
         self.gate_log_temperature = torch.nn.Parameter(gate_log_temperature.float())
         self.lora_down = torch.nn.ParameterList([torch.nn.Parameter(a.float()) for a in lora_down])
         self.lora_up = torch.nn.ParameterList([torch.nn.Parameter(b.float()) for b in lora_up])
+        self.register_buffer("change_threshold", torch.full((len(self.projections),), math.inf)
+                             if change_threshold is None else change_threshold.float())
+        self.change_quantile = change_quantile
         self.strength = 1.0
         self._cast_cache: dict = {}
 
@@ -215,12 +228,30 @@ class GatedAdapter(ProjectionEdit):
             g = self.spread(g)
         return g.amax(dim=-1, keepdim=True)
 
-    def delta(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """The edit added to projection `index` for input tokens `x` `[..., d]`."""
-        g = self.routed_gate(x).to(x.dtype) * self.strength
+    @property
+    def has_change_gate(self) -> bool:
+        return bool(torch.isfinite(self.change_threshold).all())
+
+    def change_gate(self, index: int, edit: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Projection `index`'s change gate `[..., 1]`: open where the open edit would move a token's
+        output by a large part of it, log(|B A x|² / |W x|²) above the threshold calibrated on
+        preserve tokens (`closed_form.calibrate_change_gate`); spread along a prompt as the gates are.
+        An attacker who shuts it must make the edit itself small on the token."""
+        ratio = edit.float().square().sum(-1, keepdim=True) / base.float().square().sum(-1, keepdim=True).clamp_min(1e-12)
+        threshold = self.change_threshold[index].to(ratio.device)
+        g = torch.sigmoid((ratio.clamp_min(1e-12).log() - threshold) / CHANGE_TEMPERATURE)
+        return self.spread(g) if edit.dim() >= 3 else g
+
+    def delta(self, index: int, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The edit added to projection `index`'s output `base` for input tokens `x` `[..., d]`:
+        the open edit times the larger of the concept gates and, given `base`, the change gate."""
         A = self._like(self.lora_down[index], x)
         B = self._like(self.lora_up[index], x)
-        return ((x @ A.T) * g) @ B.T
+        down = x @ A.T
+        g = self.routed_gate(x)
+        if base is not None and self.has_change_gate:
+            g = torch.maximum(g, self.change_gate(index, down @ B.T, base))
+        return (down * (g.to(x.dtype) * self.strength)) @ B.T
 
     def weight_delta(self, index: int) -> torch.Tensor:
         """strength · B A: the edit with every gate open, as a weight change (float32)."""

@@ -57,6 +57,9 @@ class ClosedFormConfig:
     ridge: float = 1e-3  # λ, relative to the mean energy of the concept embeddings
     on_quantile: float = 0.1  # of the concept's own tokens' scores, where the gate reaches 0.95
     off_quantile: float = 0.999  # of preserve-token scores, where the gate falls to 0.05
+    # of preserve tokens' relative change under the open edit, where the change gate opens; 1: no
+    # change gate (the default until a full benchmark run decides; 0.9 measured in docs/method.md, 3.4)
+    change_quantile: float = 1.0
 
     def __post_init__(self):
         if not (isinstance(self.rank, int) and 1 <= self.rank <= 256):
@@ -73,6 +76,8 @@ class ClosedFormConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if not (0 < self.on_quantile < 1 and 0 < self.off_quantile < 1):
             raise ValueError("gate quantiles must lie strictly between 0 and 1")
+        if not 0 < self.change_quantile <= 1:
+            raise ValueError(f"change quantile must be in (0, 1], got {self.change_quantile!r}")
 
 
 def solve_edit(C: torch.Tensor, N: torch.Tensor, preserve_gram: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -251,7 +256,43 @@ def closed_form_erasure(
         lora_down=[a for _, a in factors],
         lora_up=[b for b, _ in factors],
     )
+    if cfg.change_quantile < 1:
+        calibrate_change_gate(adapter, weights, preserve_tokens(tokens), cfg.change_quantile)
     return ClosedForm(adapter, stats, time.perf_counter() - start)
+
+
+def preserve_tokens(tokens: RequestTokens) -> torch.Tensor:
+    """The tokens the change gate is calibrated to stay shut on: the preserve pool and the kept concepts'."""
+    return torch.cat([tokens.P, tokens.K]).float()
+
+
+def _log_changes(adapter: GatedAdapter, weights: dict[str, torch.Tensor], E: torch.Tensor) -> list[torch.Tensor]:
+    """Per projection, log(|B A e|² / |W e|²) of every token e of `E` `[n, d]`: how far the open edit
+    moves its key or value, relative to it."""
+    out = []
+    with torch.no_grad():
+        for i, p in enumerate(adapter.projections):
+            W = weights[p.name].detach().to("cpu", torch.float32)
+            A, B = adapter.lora_down[i].detach().cpu().float(), adapter.lora_up[i].detach().cpu().float()
+            ratio = ((E @ A.T) @ B.T).square().sum(-1) / (E @ W.T).square().sum(-1).clamp_min(1e-12)
+            out.append(ratio.clamp_min(1e-12).log())
+    return out
+
+
+def calibrate_change_gate(adapter: GatedAdapter, weights: dict[str, torch.Tensor], E: torch.Tensor,
+                          quantile: float) -> None:
+    """Set each projection's change threshold to the `quantile` of the open edit's log relative change
+    on the tokens `E`: the change gate stays shut on that share of them.
+
+    Why a second gate: the concept gates look at a few directions of the embedding, and the 4x
+    soft-prompt attack finds words for the concept that half-shut them while the open edit would
+    still erase them (causal toy, square: 3 of 4 attack seeds bring it back through the gates, none
+    through the baked edit). The change gate opens wherever the edit would matter, so shutting it
+    means making the edit itself small on the word; what it gains and costs is in docs/method.md, 3.4."""
+    thresholds = [torch.quantile(c, quantile) for c in _log_changes(adapter, weights, E.cpu().float())]
+    with torch.no_grad():
+        adapter.change_threshold.copy_(torch.stack(thresholds))
+    adapter.change_quantile = quantile
 
 
 def _fit_stats(C, N, Ws, Bs, As, P, rows: int = 512) -> dict:

@@ -55,6 +55,8 @@ def save_erasure(erasure: Erasure, path: str) -> None:
         "gate.threshold": a.gate_threshold,
         "gate.log_temperature": a.gate_log_temperature,
     }
+    if a.has_change_gate:  # an erasure made without change gates has none to save
+        tensors["gate.change_threshold"] = a.change_threshold
     for p, down, up in zip(a.projections, a.lora_down, a.lora_up):
         tensors[f"{p.name}.lora_down"] = down
         tensors[f"{p.name}.lora_up"] = up
@@ -72,6 +74,7 @@ def save_erasure(erasure: Erasure, path: str) -> None:
         "num_gates": str(a.num_gates),
         "rank": str(a.rank),
         "gate_rank": str(a.gate_basis.shape[-1]),
+        **({"change_quantile": str(a.change_quantile)} if a.has_change_gate else {}),
         "info": json.dumps(info, default=str),
     }
     save_file(tensors, path, metadata=metadata)
@@ -116,6 +119,7 @@ def load_erasure(path: str) -> Erasure:
         info = json.loads(metadata.get("info", "{}"))
         family = metadata["family"]
         num_res_blocks = int(metadata["num_res_blocks"])
+        change_quantile = float(metadata.get("change_quantile", "1"))
     except (KeyError, ValueError, TypeError) as e:
         raise ErasureFileError(f"'{name}' has broken metadata ({e}); re-create the erasure.") from None
 
@@ -133,6 +137,9 @@ def load_erasure(path: str) -> Erasure:
     if K != len(request.concepts) or not projections:
         raise ErasureFileError(f"'{name}' has inconsistent metadata; re-create the erasure.")
     d = projections[0].in_features
+    change_threshold = get("gate.change_threshold", (len(projections),)) if "gate.change_threshold" in tensors else None
+    if (change_threshold is None) != (change_quantile == 1) or not 0 < change_quantile <= 1:
+        raise ErasureFileError(f"'{name}' has inconsistent change gates; re-create the erasure.")
     adapter = GatedAdapter(
         projections,
         gate_basis=get("gate.directions", (K, d, kg)),
@@ -142,6 +149,8 @@ def load_erasure(path: str) -> Erasure:
         lora_down=[get(f"{p.name}.lora_down", (r, p.in_features)) for p in projections],
         lora_up=[get(f"{p.name}.lora_up", (p.out_features, r)) for p in projections],
         gate_scope=GATE_SCOPES.get(family, "token"),
+        change_threshold=change_threshold,
+        change_quantile=change_quantile,
     )
     if tensors:
         raise ErasureFileError(f"'{name}' has unexpected tensors ({sorted(tensors)[0]}, ...); it is not an erasure this pack wrote.")

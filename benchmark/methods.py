@@ -155,7 +155,7 @@ def weight_deltas(projections):
             self.deltas = torch.nn.ParameterList(
                 [torch.nn.Parameter(torch.zeros(p.out_features, p.in_features)) for p in projections])
 
-        def delta(self, index, x):
+        def delta(self, index, x, base=None):
             return torch.nn.functional.linear(x, self.deltas[index].to(x))
 
         def weight_delta(self, index):

@@ -1,4 +1,5 @@
 """The algorithm in `ace/` on plain-torch stand-ins (no ComfyUI): stages 0-2, the adapter, files."""
+import copy
 import math
 
 import pytest
@@ -215,6 +216,37 @@ def test_adapter_follows_input_dtype_and_device(encoder, unet):
         assert torch.allclose(out.float(), adapter.delta(0, C), rtol=0.05, atol=0.05 * adapter.delta(0, C).abs().max().item())
 
 
+def test_change_gate_opens_where_the_edit_matters_even_when_the_concept_gate_is_shut(encoder, unet):
+    """The change gate is calibrated shut on 90% of preserve tokens; a concept token pushed out of
+    its gate's directions (what the 4x attack does) shuts the concept gate but not the change gate,
+    so it still gets the edit."""
+    from ace.closed_form import preserve_tokens
+
+    _, tokens, adapter, _ = stage1(encoder, unet, change_quantile=0.9)
+    projections, weights = weights_of(unet)
+    preserve = preserve_tokens(tokens)
+    assert adapter.has_change_gate and adapter.change_quantile == 0.9
+    concept = tokens.concepts[0]
+    C = concept.C[concept.is_phrase]
+    basis = torch.linalg.qr(adapter.gate_basis[0])[0]
+    centred = C - adapter.gate_center[0]
+    escaped = C - (centred @ basis) @ basis.T  # no component left along the gate's directions
+    assert adapter.gate(escaped)[:, 0].max() < 0.05 < 0.9 < adapter.gate(C)[:, 0].min()
+    for i, p in enumerate(projections):
+        W = weights[p.name]
+        open_edit = (escaped @ adapter.lora_down[i].T) @ adapter.lora_up[i].T
+        assert adapter.delta(i, escaped).norm() < 0.05 * open_edit.norm()  # without the output: concept gate alone
+        with_change_gate = adapter.delta(i, escaped, escaped @ W.T)
+        assert with_change_gate.norm() > 0.9 * open_edit.norm()
+        shut = adapter.change_gate(i, (preserve @ adapter.lora_down[i].T) @ adapter.lora_up[i].T, preserve @ W.T)
+        assert (shut < 0.5).float().mean() == pytest.approx(0.9, abs=0.01)
+    off = stage1(encoder, unet)[2]  # the default: no change gate
+    assert not off.has_change_gate
+    assert torch.equal(off.delta(0, escaped, escaped @ weights[projections[0].name].T), off.delta(0, escaped))
+    with pytest.raises(ValueError, match="change quantile"):
+        ClosedFormConfig(change_quantile=0.0)
+
+
 # --- several concepts -------------------------------------------------------------------------
 
 def test_one_joint_edit_fits_every_concept_and_routes_their_gates(unet):
@@ -395,6 +427,34 @@ def test_erase_runs_all_stages_and_save_load_is_exact(tmp_path):
     for a, b in zip(erasure.adapter.state_dict().values(), loaded.adapter.state_dict().values()):
         assert torch.equal(a, b)
     assert loaded.info["final_losses"] == erasure.info["history"][-1]
+
+
+def test_stage_2_recalibrates_the_change_gates_and_files_keep_them(tmp_path):
+    """Stage 2 moves A and B; the change gates come out calibrated on the trained edit, shut on the
+    same share of preserve tokens. The file keeps them; a file written without them loads without."""
+    from ace.closed_form import calibrate_change_gate, preserve_tokens
+    from ace.erasure import request_tokens
+
+    encoder = ToyTextEncoder(width=384)
+    unet = ToyUNet(context=384)
+    unet.requires_grad_(False)
+    network = toy_network(unet, encoder, "ace-toy")
+    request = parse_request("beagle: snoopy", "a dog", "cat")
+    stage1_only = erase(network, request, ClosedFormConfig(change_quantile=0.9), FinetuneConfig(steps=0))
+    erasure = erase(network, request, ClosedFormConfig(change_quantile=0.9), FinetuneConfig(steps=3))
+    assert erasure.adapter.change_quantile == 0.9
+    assert not torch.allclose(erasure.adapter.change_threshold, stage1_only.adapter.change_threshold)
+    _, weights = weights_of(unet)
+    recalibrated = copy.deepcopy(erasure.adapter)
+    calibrate_change_gate(recalibrated, weights, preserve_tokens(request_tokens(network, erasure.request)), 0.9)
+    assert torch.allclose(recalibrated.change_threshold, erasure.adapter.change_threshold)
+    path = str(tmp_path / "gated.safetensors")
+    save_erasure(erasure, path)
+    loaded = load_erasure(path).adapter
+    assert torch.equal(loaded.change_threshold, erasure.adapter.change_threshold) and loaded.change_quantile == 0.9
+    erasure.adapter.change_threshold.fill_(math.inf)
+    save_erasure(erasure, path)
+    assert not load_erasure(path).adapter.has_change_gate
 
 
 def test_expansion_finds_the_words_the_network_draws_the_concept_from(unet):
