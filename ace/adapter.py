@@ -230,7 +230,9 @@ class GatedAdapter(ProjectionEdit):
 
     @property
     def has_change_gate(self) -> bool:
-        return bool(torch.isfinite(self.change_threshold).all())
+        # A Python float, not the thresholds: this is asked at every projection of every forward,
+        # and reading a tensor on the GPU there would stall it.
+        return self.change_quantile < 1
 
     def change_gate(self, index: int, edit: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """Projection `index`'s change gate `[..., 1]`: open where the open edit would move a token's

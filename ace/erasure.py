@@ -3,7 +3,6 @@ whole method from a concept request to that erasure (stages 0, 1 and 2 in order)
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -107,8 +106,7 @@ def fine_tune(
     adapter = copy.deepcopy(erasure.adapter)
     # The change gates' thresholds follow A and B, which training moves: stage 2 trains without
     # them and calibrates them on the trained edit, shut on the same share of preserve tokens.
-    gated_by_change = adapter.has_change_gate
-    adapter.change_threshold.fill_(math.inf)
+    change_quantile, adapter.change_quantile = adapter.change_quantile, 1.0
     adapter.to(network.device)
     with network.attach(adapter) as denoise:
         with adapter.disabled():
@@ -119,8 +117,8 @@ def fine_tune(
                                               seed=training.seed + i, pooled=pooled))
         result = finetune(adapter, denoise, network, tokens, latents, training, callback)
     adapter.to("cpu")
-    if gated_by_change:
-        calibrate_change_gate(adapter, network.weights, preserve_tokens(tokens), adapter.change_quantile)
+    if change_quantile < 1:
+        calibrate_change_gate(adapter, network.weights, preserve_tokens(tokens), change_quantile)
     info = dict(erasure.info, stage2_seconds=result.seconds, history=result.history,
                 stopped_early=result.stopped_early, training=training.__dict__)
     return Erasure(erasure.family, erasure.request, adapter, erasure.num_res_blocks, info)
