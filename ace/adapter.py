@@ -239,9 +239,8 @@ class GatedAdapter(ProjectionEdit):
         output by a large part of it, log(|B A x|² / |W x|²) above the threshold calibrated on
         preserve tokens (`closed_form.calibrate_change_gate`); spread along a prompt as the gates are.
         An attacker who shuts it must make the edit itself small on the token."""
-        ratio = edit.float().square().sum(-1, keepdim=True) / base.float().square().sum(-1, keepdim=True).clamp_min(1e-12)
-        threshold = self.change_threshold[index].to(ratio.device)
-        g = torch.sigmoid((ratio.clamp_min(1e-12).log() - threshold) / CHANGE_TEMPERATURE)
+        change = log_relative_change(edit, base).unsqueeze(-1)
+        g = torch.sigmoid((change - self.change_threshold[index].to(change.device)) / CHANGE_TEMPERATURE)
         return self.spread(g) if edit.dim() >= 3 else g
 
     def delta(self, index: int, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
@@ -258,6 +257,12 @@ class GatedAdapter(ProjectionEdit):
     def weight_delta(self, index: int) -> torch.Tensor:
         """strength · B A: the edit with every gate open, as a weight change (float32)."""
         return self.strength * (self.lora_up[index].detach().float() @ self.lora_down[index].detach().float())
+
+
+def log_relative_change(edit: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """log(|edit|² / |base|²) per token `[...]`: how far an edit moves each output, relative to it."""
+    ratio = edit.float().square().sum(-1) / base.float().square().sum(-1).clamp_min(1e-12)
+    return ratio.clamp_min(1e-12).log()
 
 
 def gate_score(centered: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:

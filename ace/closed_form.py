@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapter import GatedAdapter, gate_score
+from .adapter import GatedAdapter, gate_score, log_relative_change
 from .families import Projection
 from .tokens import RequestTokens
 
@@ -274,8 +274,7 @@ def _log_changes(adapter: GatedAdapter, weights: dict[str, torch.Tensor], E: tor
         for i, p in enumerate(adapter.projections):
             W = weights[p.name].detach().to("cpu", torch.float32)
             A, B = adapter.lora_down[i].detach().cpu().float(), adapter.lora_up[i].detach().cpu().float()
-            ratio = ((E @ A.T) @ B.T).square().sum(-1) / (E @ W.T).square().sum(-1).clamp_min(1e-12)
-            out.append(ratio.clamp_min(1e-12).log())
+            out.append(log_relative_change((E @ A.T) @ B.T, E @ W.T))
     return out
 
 
