@@ -282,3 +282,27 @@ def test_a_kept_word_route_draws_an_entitys_look_from_its_attribute_words(comfy)
     assert routes[0]["accuracy"] >= 0.75 and routes[1]["accuracy"] == 0.0, routes
     assert all(r["untouched_accuracy"] == r["accuracy"] for r in routes)
     assert routes[0]["example"].endswith("striped blue crescent")
+
+
+def _run_with_attacks(folder, settings: dict, brought_back: dict[str, list[bool]]):
+    folder.mkdir()
+    per_target = {t: {"attacks": [{"brought_back": b} for b in seeds], "strong_attacks": []}
+                  for t, seeds in brought_back.items()}
+    (folder / "results.json").write_text(json.dumps({
+        "ace_settings": settings, "toys": {"causal": {"methods": {"ace": {"per_target": per_target}}}}}))
+    return folder
+
+
+def test_pooled_asr_counts_every_runs_pairs_and_shows_the_spread_between_runs(tmp_path):
+    from benchmark.pool import pooled_report
+    from benchmark.stats import wilson
+
+    a = _run_with_attacks(tmp_path / "a", {"finetune": {}}, {"square": [True, False], "ring": [True, True]})
+    b = _run_with_attacks(tmp_path / "b", {"finetune": {"seed": 1}}, {"square": [False, False], "ring": [True, False]})
+    report = pooled_report([a, b], "causal", "ace")
+    assert "a (defaults): 3/4 (square 1/2, ring 2/2)" in report
+    assert "b (finetune.seed=1): 1/4 (square 0/2, ring 1/2)" in report
+    assert f"pooled: 4/8 = {wilson(4, 8)}" in report and "runs from 0.250 to 0.750" in report
+    assert "stronger attack" not in report  # neither run made one
+    with pytest.raises(ValueError, match="no run .* measured uce on the causal toy"):
+        pooled_report([a, b], "causal", "uce")
