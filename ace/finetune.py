@@ -84,6 +84,7 @@ class StepReport:
     step: int
     total: int
     losses: dict[str, float]
+    adapter: GatedAdapter  # as trained so far, live: copy it to keep it
 
 
 @dataclass
@@ -256,7 +257,7 @@ def finetune(
 
             record = {k: v.item() for k, v in losses.items()} | {"total": total_loss.item()}
             result.history.append(record)
-            if callback is not None and callback(StepReport(step + 1, total, record)):
+            if callback is not None and callback(StepReport(step + 1, total, record, adapter)):
                 result.stopped_early = True
                 break
     for p in params:

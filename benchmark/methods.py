@@ -29,6 +29,7 @@ comparison differs only in the method.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field, replace
 
@@ -51,6 +52,16 @@ ACE_OVERRIDES: dict[str, dict] = {"closed_form": {}, "finetune": {}, "expansion"
 BASELINES = ("uce", "rece", "esd_x")
 
 
+def apply_settings(settings: list[str]) -> None:
+    """Record `CONFIG.FIELD=VALUE` settings (JSON values; true/false in any case) in ACE_OVERRIDES."""
+    for setting in settings:
+        part, _, value = setting.partition("=")
+        config, _, field_name = part.partition(".")
+        if config not in ACE_OVERRIDES or not field_name or not value:
+            raise ValueError(f"--set {setting}: write CONFIG.FIELD=VALUE with CONFIG one of {', '.join(ACE_OVERRIDES)}")
+        ACE_OVERRIDES[config][field_name] = json.loads(value.lower() if value.lower() in ("true", "false") else value)
+
+
 @dataclass
 class Erased:
     model: object  # the erased ComfyUI MODEL (a clone of the input)
@@ -62,7 +73,7 @@ class Erased:
 
 # --- ACE and its ablations -----------------------------------------------------------------------
 
-def _finetune_config(**overrides):
+def finetune_config(**overrides):
     return host.start().ace.finetune.FinetuneConfig(**{**ACE_TRAINING, **ACE_OVERRIDES["finetune"], **overrides})
 
 
@@ -76,7 +87,7 @@ def ace(model, clip, request, steps: int | None = None, adversarial: bool = True
         gate_scope: str | None = None, expand: bool = True) -> Erased:
     pack = host.start()
     erase, comfy_models = pack.nodes.erase, pack.nodes.comfy_models
-    training = _finetune_config(**({} if steps is None else {"steps": steps}))
+    training = finetune_config(**({} if steps is None else {"steps": steps}))
     if not adversarial:
         training = replace(training, adversarial_weight=0.0)
     closed_form = pack.ace.closed_form.ClosedFormConfig(**ACE_OVERRIDES["closed_form"])

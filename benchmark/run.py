@@ -506,14 +506,7 @@ def parse_plan(argv=None) -> Plan:
         toys[toy_names[1]] = ToyPlan(tuple(m for m in methods if m in SECOND_TOY_METHODS), ("ace",),
                                      scaling_sizes[:1], ("ace", "uce"))
     try:
-        for setting in args.set:
-            part, _, value = setting.partition("=")
-            config, _, field_name = part.partition(".")
-            if config not in erasers.ACE_OVERRIDES or not field_name or not value:
-                raise ValueError(f"--set {setting}: write CONFIG.FIELD=VALUE with CONFIG one of "
-                                 f"{', '.join(erasers.ACE_OVERRIDES)}")
-            erasers.ACE_OVERRIDES[config][field_name] = json.loads(value.lower() if value.lower() in ("true", "false")
-                                                                   else value)
+        erasers.apply_settings(args.set)
         if args.first_attack_seed < 0:
             raise ValueError(f"--first-attack-seed must be 0 or more, got {args.first_attack_seed}")
         load_prompt_file(args.prompts)  # fail now, not after the first erasure

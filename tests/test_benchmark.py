@@ -154,6 +154,35 @@ def test_diagnostics_refuse_a_negative_attack_budget_before_any_work(tmp_path, o
     assert not out.exists()
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--set", "finetune.steps"], "--set finetune.steps: write CONFIG.FIELD=VALUE with CONFIG one of closed_form, "
+                                  "finetune, expansion"),
+    (["--every", "0"], "--every and --pictures must be 1 or more, --seed 0 or more"),
+])
+def test_stage2_trace_refuses_bad_options_before_any_work(tmp_path, options, message):
+    out = tmp_path / "trace.json"
+    done = subprocess.run([sys.executable, "-m", "benchmark.stage2_trace", *options, "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr
+    assert not out.exists()
+
+
+def test_stage2_trace_measures_the_erasure_at_the_start_and_every_few_steps(tmp_path):
+    out = tmp_path / "trace.json"
+    done = subprocess.run([sys.executable, "-m", "benchmark.stage2_trace", "--target", "square", "--seed", "1",
+                           "--every", "2", "--pictures", "4", "--set", "finetune.steps=3", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trace = json.loads(out.read_text())
+    assert (trace["target"], trace["seed"], trace["settings"]) == ("square", 1, ["finetune.steps=3"])
+    assert [t["step"] for t in trace["trace"]] == [0, 2, 3]  # the start, every second step, the end
+    assert all(t["acc_e"] in (0, 0.25, 0.5, 0.75, 1) for t in trace["trace"])
+    # stage 1 (step 0) erases square from its request words; three steps barely move the edit
+    assert trace["trace"][0]["acc_e"] <= 0.25 and trace["trace"][0]["edit_norm"] > 10
+    norms = [t["edit_norm"] for t in trace["trace"]]
+    assert max(norms) - min(norms) < 0.05 * norms[0], norms
+
+
 def test_full_plan_measures_both_toys_and_the_ablations_on_the_headline_one():
     from benchmark import methods, run
 
