@@ -8,7 +8,8 @@ it, σ drawn as the model was trained (`Network.train_sigmas`):
     target  = D_orig(x_t, σ, neutral) − η (D_orig(x_t, σ, concept) − D_orig(x_t, σ, neutral))
     L_erase = ‖D_edit(x_t, σ, concept) − target‖² / σ²
     L_adv   = ‖D_edit(x_t, σ, soft) − target‖² / σ²
-    L_pres  = ‖D_edit(x_t, σ, p) − D_orig(x_t, σ, p)‖² / σ²  +  Σ_l ‖B_l A_l p‖² / ‖W_l p‖²
+    L_pres  = ‖D_edit(x_t, σ, p) − D_orig(x_t, σ, p)‖² / σ²  +  Σ_l ‖(B_l A_l − B⁰_l A⁰_l) p‖² / ‖W_l p‖²
+              (B⁰ A⁰: the edit stage 2 starts from with `anchor_to_start`, else 0)
     L_gate  = BCE(g_c(concept tokens and soft tokens), 1) + BCE(g(preserve tokens), 0)
     L       = L_erase + α L_adv + β L_pres + γ L_gate
 
@@ -24,11 +25,15 @@ it, σ drawn as the model was trained (`Network.train_sigmas`):
   `attack_steps` steps per outer step, warm-started from the previous step (AdvUnlearn's and
   Receler's scheme), to make the edited model predict the concept again: the attack a
   textual-inversion attacker makes. The gate learns to open on it.
-- The preserve term binds where the gate is closed too: the second part is the open-gate edit's
-  relative change of the keys and values of preserve tokens, so the baked model and the exported
-  LoRA stay specific. Half of its prompts and tokens come from the concepts the request keeps:
-  drawn uniformly they are a few among the everyday prompts, and they are where an erasure of
-  many concepts does its harm (causal toy, 10 concepts: Acc_s 0.934 -> 0.965).
+- The preserve term binds where the gate is closed too: the second part is how far the open-gate
+  edit moves preserve tokens' keys and values, relative to them, so the baked model and the
+  exported LoRA stay specific. By default it is measured from no edit, which pulls the whole edit
+  down as long as training runs (its norm fell by a seventh in 40 steps, and with some seeds the
+  erased concept came back); `anchor_to_start` measures it from the edit stage 2 starts from
+  (B⁰ A⁰), which holds the erasure but keeps the start's harm to kept concepts (docs/method.md,
+  section 8). Half of its prompts and tokens come from the concepts the request keeps: drawn
+  uniformly they are a few among the everyday prompts, and they are where an erasure of many
+  concepts does its harm (causal toy, 10 concepts: Acc_s 0.934 -> 0.965).
 - The budget grows with the request: `steps` per concept, and a learning rate that warms up and
   decays along a cosine.
 """
@@ -60,6 +65,10 @@ class FinetuneConfig:
     batch_size: int = 2
     images_per_concept: int = 2  # examples of each concept the original model draws to train on
     on_policy_every: int = 10  # a concept's steps between its pictures drawn by the edited model (0: never)
+    # The open-gate preservation term measures the edit's change of preserve tokens from the edit
+    # stage 2 starts from (True) or from no edit (False, the default until a benchmark of many
+    # concepts at once decides: docs/method.md, section 8)
+    anchor_to_start: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -72,6 +81,8 @@ class FinetuneConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name.replace('_', ' ')} must be a finite number >= 0, got {v!r}")
+        if not isinstance(self.anchor_to_start, bool):
+            raise ValueError(f"anchor to start must be True or False, got {self.anchor_to_start!r}")
         if not 0 < self.learning_rate <= 1:
             raise ValueError(f"learning rate must be in (0, 1], got {self.learning_rate!r}")
 
@@ -190,6 +201,8 @@ def finetune(
         autograd_safe(adapter)
         adapter.requires_grad_(True)
         params = list(adapter.parameters())
+        start_edit = [(A.detach().clone(), B.detach().clone()) for A, B in zip(adapter.lora_down, adapter.lora_up)] \
+            if cfg.anchor_to_start else None
         optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
         P = usable(tokens.P.float())
         K = usable(tokens.K.float())
@@ -247,7 +260,7 @@ def finetune(
                                                                   adv_target)).mean()
                 gate_terms.append(_bce(adapter.gate(adv[usable(phrase_masks[c][chosen])])[:, c], 1.0))
             losses["preserve"] = (weight * _per_sample_mse(denoise(x_t, sigma, p_ctx, p_pooled), original_preserve)).mean() \
-                + _anchor(adapter, weights, anchor_tokens(256))
+                + _anchor(adapter, weights, start_edit, anchor_tokens(256))
             losses["gate"] = sum(gate_terms) / len(gate_terms)
             total_loss = (losses["erase"] + cfg.adversarial_weight * losses.get("adversarial", 0.0)
                           + cfg.preserve_weight * losses["preserve"] + cfg.gate_weight * losses["gate"])
@@ -287,11 +300,17 @@ def _attack(adapter, denoise, network, soft: SoftWord, texts, x_t, sigma, pooled
             p.requires_grad_(True)
 
 
-def _anchor(adapter: GatedAdapter, weights: list[torch.Tensor], P: torch.Tensor) -> torch.Tensor:
-    """The open-gate edit's change of the preserve tokens' keys and values, relative to them."""
+def _anchor(adapter: GatedAdapter, weights: list[torch.Tensor],
+            start_edit: list[tuple[torch.Tensor, torch.Tensor]] | None, P: torch.Tensor) -> torch.Tensor:
+    """How far the open-gate edit moves the preserve tokens' keys and values, relative to them:
+    from where the edit started (`start_edit`, each layer's A and B) or, given None, from no edit."""
     moved = kept = 0
-    for A, B, W in zip(adapter.lora_down, adapter.lora_up, weights):
-        moved = moved + ((P @ A.T) @ B.T).square().sum()
+    for i, (A, B, W) in enumerate(zip(adapter.lora_down, adapter.lora_up, weights)):
+        change = (P @ A.T) @ B.T
+        if start_edit is not None:
+            A0, B0 = start_edit[i]
+            change = change - (P @ A0.T) @ B0.T
+        moved = moved + change.square().sum()
         kept = kept + (P @ W.T).square().sum().detach()
     return moved / kept.clamp_min(1e-12)
 

@@ -72,6 +72,8 @@ def test_config_validation():
         FinetuneConfig(steps=-1)
     with pytest.raises(ValueError, match="learning rate"):
         FinetuneConfig(learning_rate=float("nan"))
+    with pytest.raises(ValueError, match="anchor to start must be True or False, got 'yes'"):
+        FinetuneConfig(anchor_to_start="yes")
 
 
 # --- stage 0 ------------------------------------------------------------------------------------
@@ -339,6 +341,30 @@ def test_finetuning_lowers_the_erase_loss_and_keeps_preserve(encoder, unet):
     # (measured: at most 0.21, 1.2% above 0.1)
     gate = adapter.gate(tokens.P)
     assert gate.max() < 0.5 and (gate > 0.1).float().mean() < 0.02
+
+
+@pytest.mark.parametrize("anchor_to_start", [True, False])
+def test_stage_2s_open_gate_preservation_holds_the_edit_only_when_anchored_to_its_start(encoder, unet, anchor_to_start):
+    # Measured from no edit, the open-gate preservation term pulls stage 1's edit of preserve
+    # tokens towards zero and the whole edit shrinks with it; measured from the start, both stay
+    _, tokens, adapter, _ = stage1(encoder, unet, rank=8)
+
+    def open_edit(rows: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([((rows @ A.T) @ B.T).flatten() for A, B in zip(adapter.lora_down, adapter.lora_up)])
+
+    concept = tokens.concepts[0].C
+    preserve_before, concept_before = open_edit(tokens.P), open_edit(concept)
+    with adapter.attached(unet):
+        latents = _latents(adapter, unet, tokens)
+        finetune(adapter, unet, toy_network(unet, encoder), tokens, latents,
+                 FinetuneConfig(steps=40, attack_steps=0, anchor_to_start=anchor_to_start))
+    preserve_change = (open_edit(tokens.P) - preserve_before).norm() / preserve_before.norm()
+    concept_kept = open_edit(concept).norm() / concept_before.norm()
+    if anchor_to_start:  # measured 0.20 and 1.13
+        assert preserve_change < 0.3 and concept_kept > 1.0, (preserve_change, concept_kept)
+    else:  # measured 0.42 and 0.92
+        assert preserve_change > 0.3 and concept_kept < 1.0, (preserve_change, concept_kept)
 
 
 def test_the_budget_grows_with_the_request(encoder, unet):
