@@ -30,8 +30,8 @@ it, σ drawn as the model was trained (`Network.train_sigmas`):
   exported LoRA stay specific. By default it is measured from no edit, which pulls the whole edit
   down as long as training runs (its norm fell by a seventh in 40 steps, and with some seeds the
   erased concept came back); `anchor_to_start` measures it from the edit stage 2 starts from
-  (B⁰ A⁰), which holds the erasure but keeps the start's harm to kept concepts (docs/method.md,
-  section 8). Half of its prompts and tokens come from the concepts the request keeps: drawn
+  (B⁰ A⁰), which holds the erasure, but at 10 concepts at once the kept ones fared worse
+  (docs/method.md, section 8). Half of its prompts and tokens come from the concepts the request keeps: drawn
   uniformly they are a few among the everyday prompts, and they are where an erasure of many
   concepts does its harm (causal toy, 10 concepts: Acc_s 0.934 -> 0.965).
 - The budget grows with the request: `steps` per concept, and a learning rate that warms up and
