@@ -260,7 +260,7 @@ def finetune(
                                                                   adv_target)).mean()
                 gate_terms.append(_bce(adapter.gate(adv[usable(phrase_masks[c][chosen])])[:, c], 1.0))
             losses["preserve"] = (weight * _per_sample_mse(denoise(x_t, sigma, p_ctx, p_pooled), original_preserve)).mean() \
-                + _anchor(adapter, weights, start_edit, anchor_tokens(256))
+                + open_edit_change(adapter, weights, start_edit, anchor_tokens(256))
             losses["gate"] = sum(gate_terms) / len(gate_terms)
             total_loss = (losses["erase"] + cfg.adversarial_weight * losses.get("adversarial", 0.0)
                           + cfg.preserve_weight * losses["preserve"] + cfg.gate_weight * losses["gate"])
@@ -300,7 +300,7 @@ def _attack(adapter, denoise, network, soft: SoftWord, texts, x_t, sigma, pooled
             p.requires_grad_(True)
 
 
-def _anchor(adapter: GatedAdapter, weights: list[torch.Tensor],
+def open_edit_change(adapter: GatedAdapter, weights: list[torch.Tensor],
             start_edit: list[tuple[torch.Tensor, torch.Tensor]] | None, P: torch.Tensor) -> torch.Tensor:
     """How far the open-gate edit moves the preserve tokens' keys and values, relative to them:
     from where the edit started (`start_edit`, each layer's A and B) or, given None, from no edit."""

@@ -23,13 +23,12 @@ from benchmark.run import kind_of, make_request
 from runner import host
 
 
-def open_edit_size(adapter, weights: dict, names: list[str], P: torch.Tensor) -> dict:
+def open_edit_size(adapter, weights: list[torch.Tensor], P: torch.Tensor) -> dict:
     """||B A|| summed over projections, and the open edit's change of P's keys and values relative to them."""
     with torch.no_grad():
         norm = sum((B @ A).norm().item() for A, B in zip(adapter.lora_down, adapter.lora_up))
-        moved = sum(((P @ A.T) @ B.T).square().sum().item() for A, B in zip(adapter.lora_down, adapter.lora_up))
-        kept = sum((P @ weights[n].float().T).square().sum().item() for n in names)
-    return {"edit_norm": round(norm, 2), "preserve_change": round((moved / kept) ** 0.5, 4)}
+        change = host.start().ace.finetune.open_edit_change(adapter, weights, None, P).item() ** 0.5
+    return {"edit_norm": round(norm, 2), "preserve_change": round(change, 4)}
 
 
 def main() -> None:
@@ -65,7 +64,7 @@ def main() -> None:
     stage1 = ace.erasure.erase(network, make_request([args.target], prompt_file), closed_form,
                                ace.finetune.FinetuneConfig(steps=0), expansion)
     P = ace.erasure.request_tokens(network, stage1.request).P.float()
-    names = [p.name for p in stage1.adapter.projections]
+    weights = [network.weights[p.name].float() for p in stage1.adapter.projections]
     snapshots = {0: copy.deepcopy(stage1.adapter)}
 
     def keep(report) -> None:
@@ -80,7 +79,7 @@ def main() -> None:
                                       trained.info)
         shown = measure(comfy_models.with_erasure(model, erasure, 1.0), clip, classifier, [(kind, args.target)],
                         "request", args.pictures, prompt_file)[args.target]
-        trace.append({"step": step, "acc_e": round(shown.accuracy, 3), **open_edit_size(adapter, network.weights, names, P)})
+        trace.append({"step": step, "acc_e": round(shown.accuracy, 3), **open_edit_size(adapter, weights, P)})
         print(json.dumps(trace[-1]), flush=True)
     if args.out:
         args.out.write_text(json.dumps({"toy": args.toy, "target": args.target, "seed": args.seed, "settings": args.set,
