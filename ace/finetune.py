@@ -9,7 +9,7 @@ it, σ drawn as the model was trained (`Network.train_sigmas`):
     L_erase = ‖D_edit(x_t, σ, concept) − target‖² / σ²
     L_adv   = ‖D_edit(x_t, σ, soft) − target‖² / σ²
     L_pres  = ‖D_edit(x_t, σ, p) − D_orig(x_t, σ, p)‖² / σ²  +  Σ_l ‖(B_l A_l − B⁰_l A⁰_l) p‖² / ‖W_l p‖²
-              (B⁰ A⁰: the edit stage 2 starts from with `anchor_to_start`, else 0)
+              (B⁰ A⁰: 0, or the edit stage 2 starts from: `preserve_anchor`)
     L_gate  = BCE(g_c(concept tokens and soft tokens), 1) + BCE(g(preserve tokens), 0)
     L       = L_erase + α L_adv + β L_pres + γ L_gate
 
@@ -29,11 +29,13 @@ it, σ drawn as the model was trained (`Network.train_sigmas`):
   edit moves preserve tokens' keys and values, relative to them, so the baked model and the
   exported LoRA stay specific. By default it is measured from no edit, which pulls the whole edit
   down as long as training runs (its norm fell by a seventh in 40 steps, and with some seeds the
-  erased concept came back); `anchor_to_start` measures it from the edit stage 2 starts from
-  (B⁰ A⁰), which holds the erasure, but at 10 concepts at once the kept ones fared worse
-  (docs/method.md, section 8). Half of its prompts and tokens come from the concepts the request keeps: drawn
-  uniformly they are a few among the everyday prompts, and they are where an erasure of many
-  concepts does its harm (causal toy, 10 concepts: Acc_s 0.934 -> 0.965).
+  erased concept came back); `preserve_anchor="start"` measures it from the edit stage 2 starts
+  from (B⁰ A⁰), which holds the erasure, but at 10 concepts at once the kept ones fared worse;
+  `"start_on_everyday"` measures it from the start on everyday tokens and from no edit on the kept
+  concepts' (neither became the default: docs/method.md, section 8). Half of its prompts and
+  tokens come from the concepts the request keeps: drawn uniformly they are a few among the
+  everyday prompts, and they are where an erasure of many concepts does its harm (causal toy, 10
+  concepts: Acc_s 0.934 -> 0.965).
 - The budget grows with the request: `steps` per concept, and a learning rate that warms up and
   decays along a cosine.
 """
@@ -51,6 +53,9 @@ from .network import Denoiser, Network
 from .tokens import RequestTokens, prompts_to
 
 
+PRESERVE_ANCHORS = ("zero", "start", "start_on_everyday")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     steps: int = 40  # per concept of the request
@@ -65,10 +70,10 @@ class FinetuneConfig:
     batch_size: int = 2
     images_per_concept: int = 2  # examples of each concept the original model draws to train on
     on_policy_every: int = 10  # a concept's steps between its pictures drawn by the edited model (0: never)
-    # The open-gate preservation term measures the edit's change of preserve tokens from the edit
-    # stage 2 starts from (True) or from no edit (False, the default until a benchmark of many
-    # concepts at once decides: docs/method.md, section 8)
-    anchor_to_start: bool = False
+    # Where the open-gate preservation term measures the edit's change of preserve tokens from:
+    # "zero" (no edit), "start" (the edit stage 2 starts from) or "start_on_everyday" (from the
+    # start on the everyday pool, from no edit on the kept concepts' tokens); docs/method.md, 5.3
+    preserve_anchor: str = "zero"
     seed: int = 0
 
     def __post_init__(self):
@@ -81,8 +86,8 @@ class FinetuneConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name.replace('_', ' ')} must be a finite number >= 0, got {v!r}")
-        if not isinstance(self.anchor_to_start, bool):
-            raise ValueError(f"anchor to start must be True or False, got {self.anchor_to_start!r}")
+        if self.preserve_anchor not in PRESERVE_ANCHORS:
+            raise ValueError(f"preserve anchor must be one of {', '.join(PRESERVE_ANCHORS)}, got {self.preserve_anchor!r}")
         if not 0 < self.learning_rate <= 1:
             raise ValueError(f"learning rate must be in (0, 1], got {self.learning_rate!r}")
 
@@ -202,7 +207,7 @@ def finetune(
         adapter.requires_grad_(True)
         params = list(adapter.parameters())
         start_edit = [(A.detach().clone(), B.detach().clone()) for A, B in zip(adapter.lora_down, adapter.lora_up)] \
-            if cfg.anchor_to_start else None
+            if cfg.preserve_anchor != "zero" else None
         optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
         P = usable(tokens.P.float())
         K = usable(tokens.K.float())
@@ -210,11 +215,15 @@ def finetune(
         # tokens: a few among the everyday prompts, they are where the erasure does its harm.
         kept_prompts = tokens.kept_mask.any(1).nonzero().flatten()
 
-        def anchor_tokens(n: int) -> torch.Tensor:  # preserve embeddings, the kept share of them kept ones
-            if not len(K):  # a request that keeps no concept
-                return P[pick(len(P), n).to(device)]
-            k = _kept_share(n)
-            return torch.cat([K[pick(len(K), k).to(device)], P[pick(len(P), n - k).to(device)]])
+        def anchor_tokens(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """n preserve embeddings, the kept share of them kept ones, and which rows the term
+            measures from the start (the rest from no edit)."""
+            k = _kept_share(n) if len(K) else 0  # a request that keeps no concept: all everyday
+            rows = torch.cat([K[pick(len(K), k).to(device)], P[pick(len(P), n - k).to(device)]])
+            from_start = torch.ones(n, dtype=torch.bool, device=device)
+            if cfg.preserve_anchor == "start_on_everyday":
+                from_start[:k] = False
+            return rows, from_start
         soft = [SoftWord(network, c.concept.target, cfg) if cfg.attack_steps and cfg.adversarial_weight else None
                 for c in tokens.concepts]
         target_prompts = [torch.tensor(c.target_prompts()) for c in tokens.concepts]
@@ -260,7 +269,7 @@ def finetune(
                                                                   adv_target)).mean()
                 gate_terms.append(_bce(adapter.gate(adv[usable(phrase_masks[c][chosen])])[:, c], 1.0))
             losses["preserve"] = (weight * _per_sample_mse(denoise(x_t, sigma, p_ctx, p_pooled), original_preserve)).mean() \
-                + open_edit_change(adapter, weights, start_edit, anchor_tokens(256))
+                + open_edit_change(adapter, weights, start_edit, *anchor_tokens(256))
             losses["gate"] = sum(gate_terms) / len(gate_terms)
             total_loss = (losses["erase"] + cfg.adversarial_weight * losses.get("adversarial", 0.0)
                           + cfg.preserve_weight * losses["preserve"] + cfg.gate_weight * losses["gate"])
@@ -301,15 +310,18 @@ def _attack(adapter, denoise, network, soft: SoftWord, texts, x_t, sigma, pooled
 
 
 def open_edit_change(adapter: GatedAdapter, weights: list[torch.Tensor],
-            start_edit: list[tuple[torch.Tensor, torch.Tensor]] | None, P: torch.Tensor) -> torch.Tensor:
+                     start_edit: list[tuple[torch.Tensor, torch.Tensor]] | None, P: torch.Tensor,
+                     from_start: torch.Tensor | None = None) -> torch.Tensor:
     """How far the open-gate edit moves the preserve tokens' keys and values, relative to them:
-    from where the edit started (`start_edit`, each layer's A and B) or, given None, from no edit."""
+    from where the edit started (`start_edit`, each layer's A and B) on the rows `from_start`
+    marks (all, given None), from no edit on the others and everywhere given no `start_edit`."""
     moved = kept = 0
     for i, (A, B, W) in enumerate(zip(adapter.lora_down, adapter.lora_up, weights)):
         change = (P @ A.T) @ B.T
         if start_edit is not None:
             A0, B0 = start_edit[i]
-            change = change - (P @ A0.T) @ B0.T
+            start = (P @ A0.T) @ B0.T
+            change = change - (start if from_start is None else start * from_start[:, None])
         moved = moved + change.square().sum()
         kept = kept + (P @ W.T).square().sum().detach()
     return moved / kept.clamp_min(1e-12)
