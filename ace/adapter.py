@@ -22,6 +22,12 @@ projection, opened by how far the open edit would move the token's output relati
 (`change_gate`); the edit then gets the larger of it and the routed gate, so an attacker who shuts
 the concept gates must also make the edit itself small on the word.
 
+An erasure made with `ClosedFormConfig.outlier_quantile` below 1 also has an outlier gate, shared
+by all layers, opened by how far a token lies from every token the erasure keeps (the preserve pool
+and the kept concepts), counted in the pool's whitened coordinates (`outlier_gate`). The edit gets
+the larger of it and the other gates, so an attacker who shuts the concept gates must also keep
+the word among the kind of tokens real prompts make.
+
 The adapter is plain torch. Like every `ProjectionEdit` (the benchmark's ESD-x weight deltas are
 another), it attaches to a network by replacing the `forward` of each projection module
 (`patched_forwards`), which is exactly what a ComfyUI object patch does, so weight patches such as
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -46,6 +53,29 @@ GATE_SCOPE_NAMES = ("token", "causal", "prompt")
 # The change gate's temperature, in log relative change: it goes from 0.5 at the threshold to 0.95 at
 # about twice the threshold's relative change.
 CHANGE_TEMPERATURE = 0.25
+# The outlier gate's temperature, in log mean squared whitened coordinate: from 0.05 at its
+# calibration quantile to 0.95 about 1.2 further (3.3 times the mean squared coordinate).
+OUTLIER_TEMPERATURE = 0.2
+
+
+@dataclass(frozen=True)
+class OutlierGate:
+    """What an outlier gate is made of: the pool's centre, a whitener `[d, d]` (columns: directions
+    scaled to unit pool variance), the score threshold and the quantile it was calibrated at."""
+
+    center: torch.Tensor
+    whitener: torch.Tensor
+    threshold: float
+    quantile: float
+
+    def score(self, e: torch.Tensor) -> torch.Tensor:
+        """Each token's mean squared whitened coordinate, as a log (`gate_score`): `[..., d]` -> `[...]`."""
+        return gate_score(e.float() - self.center, self.whitener)
+
+    def values(self, e: torch.Tensor) -> torch.Tensor:
+        """The gate `[..., d]` -> `[...]`: open where the score is far above the kept tokens'
+        (`closed_form.calibrate_outlier_gate`)."""
+        return torch.sigmoid((self.score(e) - self.threshold) / OUTLIER_TEMPERATURE)
 
 
 def check_strength(strength: float) -> float:
@@ -148,6 +178,7 @@ class GatedAdapter(ProjectionEdit):
         gate_scope: str = "token",  # or "causal" or "prompt": see families.GATE_SCOPES
         change_threshold: torch.Tensor | None = None,  # [projections] log relative change; None: no change gate
         change_quantile: float = 1.0,  # the share of preserve tokens the change gates are calibrated shut on
+        outlier: OutlierGate | None = None,
     ):
         super().__init__(projections)
         if gate_scope not in GATE_SCOPE_NAMES:
@@ -162,6 +193,10 @@ class GatedAdapter(ProjectionEdit):
         self.register_buffer("change_threshold", torch.full((len(self.projections),), math.inf)
                              if change_threshold is None else change_threshold.float())
         self.change_quantile = change_quantile
+        self.register_buffer("outlier_center", None if outlier is None else outlier.center.float())
+        self.register_buffer("outlier_whitener", None if outlier is None else outlier.whitener.float())
+        self.outlier_threshold = math.inf if outlier is None else outlier.threshold
+        self.outlier_quantile = 1.0 if outlier is None else outlier.quantile
         self.strength = 1.0
         self._cast_cache: dict = {}
 
@@ -224,9 +259,23 @@ class GatedAdapter(ProjectionEdit):
         concepts' gates, spread over the prompt when `x` holds prompts `[B, L, d]` (the concept
         that fires hardest decides)."""
         g = self.gate(x)
+        if self.has_outlier_gate:
+            g = torch.cat([g, self.outlier_gate(x)], dim=-1)
         if x.dim() >= 3:
             g = self.spread(g)
         return g.amax(dim=-1, keepdim=True)
+
+    @property
+    def has_outlier_gate(self) -> bool:
+        return self.outlier_whitener is not None
+
+    def outlier_gate(self, e: torch.Tensor) -> torch.Tensor:
+        """The outlier gate for every token `[..., d]` -> `[..., 1]`, in float32
+        (`OutlierGate.values`)."""
+        e = e.float()
+        gate = OutlierGate(self._like(self.outlier_center, e), self._like(self.outlier_whitener, e),
+                           self.outlier_threshold, self.outlier_quantile)
+        return gate.values(e).unsqueeze(-1)
 
     @property
     def has_change_gate(self) -> bool:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapter import GatedAdapter, gate_score, log_relative_change
+from .adapter import OUTLIER_TEMPERATURE, GatedAdapter, OutlierGate, gate_score, log_relative_change
 from .families import Projection
 from .tokens import RequestTokens
 
@@ -60,6 +60,9 @@ class ClosedFormConfig:
     # of preserve tokens' relative change under the open edit, where the change gate opens; 1: no
     # change gate (the default until a full benchmark run decides; 0.9 measured in docs/method.md, 3.4)
     change_quantile: float = 1.0
+    # of the kept tokens' outlier scores, where the outlier gate is 0.05; 1: no outlier gate
+    # (docs/method.md, 3.4)
+    outlier_quantile: float = 1.0
 
     def __post_init__(self):
         if not (isinstance(self.rank, int) and 1 <= self.rank <= 256):
@@ -78,6 +81,8 @@ class ClosedFormConfig:
             raise ValueError("gate quantiles must lie strictly between 0 and 1")
         if not 0 < self.change_quantile <= 1:
             raise ValueError(f"change quantile must be in (0, 1], got {self.change_quantile!r}")
+        if not 0 < self.outlier_quantile <= 1:
+            raise ValueError(f"outlier quantile must be in (0, 1], got {self.outlier_quantile!r}")
 
 
 def solve_edit(C: torch.Tensor, N: torch.Tensor, preserve_gram: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -154,6 +159,16 @@ class Gate:
         return torch.sigmoid((score - self.threshold) / math.exp(self.log_temperature))
 
 
+def pool_whitening(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The preserve pool's centre and the Cholesky factor L of its covariance plus εI (L Lᵀ), with
+    ε = 10⁻³ of the covariance's mean diagonal: what the gates measure tokens against."""
+    center = P.mean(0)
+    Pc = P - center
+    Sigma_P = Pc.T @ Pc / len(Pc)
+    Sigma_P = Sigma_P + 1e-3 * Sigma_P.diagonal().mean() * torch.eye(len(Sigma_P), dtype=P.dtype)
+    return center, torch.linalg.cholesky(Sigma_P)
+
+
 def calibrate_gate(C: torch.Tensor, N: torch.Tensor, is_phrase: torch.Tensor, P: torch.Tensor, cfg: ClosedFormConfig) -> Gate:
     """A concept's gate from its aligned concept/neutral embeddings (`is_phrase` marks the
     concept's own tokens) and the preserve embeddings.
@@ -169,13 +184,9 @@ def calibrate_gate(C: torch.Tensor, N: torch.Tensor, is_phrase: torch.Tensor, P:
     occur in every concept prompt but rarely in the preserve set) captured the gate.
     """
     C, N, P = C.double(), N.double(), P.double()
-    d = C.shape[1]
-    center = P.mean(0)
+    center, L = pool_whitening(P)
     Cc, Pc, D = C - center, P - center, C - N
     Sigma_D = D.T @ D / len(D)
-    Sigma_P = Pc.T @ Pc / len(Pc)
-    Sigma_P = Sigma_P + 1e-3 * Sigma_P.diagonal().mean() * torch.eye(d, dtype=C.dtype)
-    L = torch.linalg.cholesky(Sigma_P)
     # whitened problem: L⁻¹ Σ_D L⁻ᵀ w = μ w, then u = L⁻ᵀ w (so that uᵀ Σ_P u = wᵀw = 1)
     Linv_Sigma_D = torch.linalg.solve_triangular(L, Sigma_D, upper=False)
     whitened = torch.linalg.solve_triangular(L, Linv_Sigma_D.T, upper=False)
@@ -255,6 +266,7 @@ def closed_form_erasure(
         gate_log_temperature=torch.tensor([g.log_temperature for g in gates]),
         lora_down=[a for _, a in factors],
         lora_up=[b for b, _ in factors],
+        outlier=calibrate_outlier_gate(tokens, cfg.outlier_quantile) if cfg.outlier_quantile < 1 else None,
     )
     if cfg.change_quantile < 1:
         calibrate_change_gate(adapter, weights, preserve_tokens(tokens), cfg.change_quantile)
@@ -262,8 +274,25 @@ def closed_form_erasure(
 
 
 def preserve_tokens(tokens: RequestTokens) -> torch.Tensor:
-    """The tokens the change gate is calibrated to stay shut on: the preserve pool and the kept concepts'."""
+    """The tokens the change and outlier gates are calibrated to stay shut on: the preserve pool and
+    the kept concepts'."""
     return torch.cat([tokens.P, tokens.K]).float()
+
+
+def calibrate_outlier_gate(tokens: RequestTokens, quantile: float) -> OutlierGate:
+    """The outlier gate: the pool's centre and whitener (Σ_P + εI = L Lᵀ, whitener L⁻ᵀ, ε as the
+    concept gates'), and a threshold at which the `quantile` of the preserve and kept tokens'
+    scores gets 0.05.
+
+    Why: the 4x soft-prompt attack's words lie far from the tokens the erasure was fitted on (on
+    the causal toy their score is above the 0.999 quantile of the kept tokens'), so a gate that
+    opens on such tokens gives them the edit even when they shut the concept gates, and an
+    attacker must find the concept among ordinary tokens. What it gains and costs (it also opens
+    on prompts unlike the pool's): docs/method.md, 3.4."""
+    center, L = pool_whitening(tokens.P.double())
+    whitener = torch.linalg.solve_triangular(L.T, torch.eye(len(L), dtype=L.dtype), upper=True)
+    low = torch.quantile(gate_score(preserve_tokens(tokens).double() - center, whitener), quantile).item()
+    return OutlierGate(center.float(), whitener.float(), low + OUTLIER_TEMPERATURE * LOGIT_HIGH, quantile)
 
 
 def _log_changes(adapter: GatedAdapter, weights: dict[str, torch.Tensor], E: torch.Tensor) -> list[torch.Tensor]:

@@ -7,6 +7,7 @@ what is wrong in the user's terms.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .adapter import GatedAdapter, check_strength
+from .adapter import GatedAdapter, OutlierGate, check_strength
 from .concepts import ConceptRequest
 from .erasure import Erasure
 from .families import GATE_SCOPES, Projection
@@ -57,6 +58,9 @@ def save_erasure(erasure: Erasure, path: str) -> None:
     }
     if a.has_change_gate:  # an erasure made without change gates has none to save
         tensors["gate.change_threshold"] = a.change_threshold
+    if a.has_outlier_gate:
+        tensors["gate.outlier_center"] = a.outlier_center
+        tensors["gate.outlier_whitener"] = a.outlier_whitener
     for p, down, up in zip(a.projections, a.lora_down, a.lora_up):
         tensors[f"{p.name}.lora_down"] = down
         tensors[f"{p.name}.lora_up"] = up
@@ -75,6 +79,8 @@ def save_erasure(erasure: Erasure, path: str) -> None:
         "rank": str(a.rank),
         "gate_rank": str(a.gate_basis.shape[-1]),
         **({"change_quantile": str(a.change_quantile)} if a.has_change_gate else {}),
+        **({"outlier_quantile": str(a.outlier_quantile), "outlier_threshold": repr(a.outlier_threshold)}
+           if a.has_outlier_gate else {}),
         "info": json.dumps(info, default=str),
     }
     save_file(tensors, path, metadata=metadata)
@@ -120,6 +126,8 @@ def load_erasure(path: str) -> Erasure:
         family = metadata["family"]
         num_res_blocks = int(metadata["num_res_blocks"])
         change_quantile = float(metadata.get("change_quantile", "1"))
+        outlier_quantile = float(metadata.get("outlier_quantile", "1"))
+        outlier_threshold = float(metadata.get("outlier_threshold", "inf"))
     except (KeyError, ValueError, TypeError) as e:
         raise ErasureFileError(f"'{name}' has broken metadata ({e}); re-create the erasure.") from None
 
@@ -140,6 +148,12 @@ def load_erasure(path: str) -> Erasure:
     change_threshold = get("gate.change_threshold", (len(projections),)) if "gate.change_threshold" in tensors else None
     if (change_threshold is None) != (change_quantile == 1) or not 0 < change_quantile <= 1:
         raise ErasureFileError(f"'{name}' has inconsistent change gates; re-create the erasure.")
+    outlier = None
+    if "gate.outlier_whitener" in tensors or outlier_quantile != 1:
+        if not (0 < outlier_quantile < 1 and math.isfinite(outlier_threshold)):
+            raise ErasureFileError(f"'{name}' has an inconsistent outlier gate; re-create the erasure.")
+        outlier = OutlierGate(get("gate.outlier_center", (d,)), get("gate.outlier_whitener", (d, d)),
+                              outlier_threshold, outlier_quantile)
     adapter = GatedAdapter(
         projections,
         gate_basis=get("gate.directions", (K, d, kg)),
@@ -151,6 +165,7 @@ def load_erasure(path: str) -> Erasure:
         gate_scope=GATE_SCOPES.get(family, "token"),
         change_threshold=change_threshold,
         change_quantile=change_quantile,
+        outlier=outlier,
     )
     if tensors:
         raise ErasureFileError(f"'{name}' has unexpected tensors ({sorted(tensors)[0]}, ...); it is not an erasure this pack wrote.")

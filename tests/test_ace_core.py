@@ -249,6 +249,40 @@ def test_change_gate_opens_where_the_edit_matters_even_when_the_concept_gate_is_
         ClosedFormConfig(change_quantile=0.0)
 
 
+def test_outlier_gate_opens_on_tokens_unlike_any_kept_one_even_when_the_concept_gate_is_shut(encoder, unet, tmp_path):
+    """The outlier gate is calibrated to 0.05 at the 0.999 quantile of the preserve and kept tokens'
+    scores; a concept token pushed out of its gate's directions and far off the pool (what the 4x
+    attack's words are) shuts the concept gate but not the outlier gate, so it still gets the edit.
+    The file keeps it; a file without it loads without."""
+    from ace.closed_form import preserve_tokens
+
+    _, tokens, adapter, _ = stage1(encoder, unet, outlier_quantile=0.999)
+    assert adapter.has_outlier_gate and adapter.outlier_quantile == 0.999
+    kept = preserve_tokens(tokens)
+    assert adapter.outlier_gate(kept).squeeze(-1).gt(0.05).float().mean().item() == pytest.approx(0.001, abs=0.002)
+    concept = tokens.concepts[0]
+    C = concept.C[concept.is_phrase]
+    basis = torch.linalg.qr(adapter.gate_basis[0])[0]
+    escaped = C - ((C - adapter.gate_center[0]) @ basis) @ basis.T
+    escaped = escaped + 3 * (escaped - adapter.gate_center[0])  # four times as far from the pool's centre
+    assert adapter.gate(escaped)[:, 0].max() < 0.05
+    assert adapter.outlier_gate(escaped).min() > 0.95
+    open_edit = (escaped @ adapter.lora_down[0].T) @ adapter.lora_up[0].T
+    assert torch.allclose(adapter.delta(0, escaped), open_edit, rtol=0.05, atol=0.05 * open_edit.abs().max().item())
+    off = stage1(encoder, unet)[2]  # the default: no outlier gate
+    assert not off.has_outlier_gate and off.delta(0, escaped).norm() < 0.05 * open_edit.norm()
+    erasure = Erasure("ace-toy", parse_request("beagle", "a dog", "cat"), adapter, 1)
+    path = str(tmp_path / "outlier.safetensors")
+    save_erasure(erasure, path)
+    loaded = load_erasure(path).adapter
+    assert loaded.outlier_threshold == adapter.outlier_threshold and loaded.outlier_quantile == 0.999
+    assert torch.equal(loaded.outlier_gate(escaped), adapter.outlier_gate(escaped))
+    save_erasure(Erasure("ace-toy", erasure.request, off, 1), path)
+    assert not load_erasure(path).adapter.has_outlier_gate
+    with pytest.raises(ValueError, match="outlier quantile"):
+        ClosedFormConfig(outlier_quantile=1.5)
+
+
 # --- several concepts -------------------------------------------------------------------------
 
 def test_one_joint_edit_fits_every_concept_and_routes_their_gates(unet):

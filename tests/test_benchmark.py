@@ -154,6 +154,15 @@ def test_diagnostics_refuse_a_negative_attack_budget_before_any_work(tmp_path, o
     assert not out.exists()
 
 
+def test_diagnostics_refuse_an_outlier_quantile_outside_0_1_before_any_work(tmp_path):
+    out = tmp_path / "diag.json"
+    done = subprocess.run([sys.executable, "-m", "benchmark.diagnose", "--outlier-quantile", "1", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--outlier-quantile must lie strictly between 0 and 1" in done.stderr
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("options, message", [
     (["--set", "finetune.steps"], "--set finetune.steps: write CONFIG.FIELD=VALUE with CONFIG one of closed_form, "
                                   "finetune, expansion"),
