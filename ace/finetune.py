@@ -218,12 +218,13 @@ def finetune(
         def anchor_tokens(n: int) -> tuple[torch.Tensor, torch.Tensor]:
             """n preserve embeddings, the kept share of them kept ones, and which rows the term
             measures from the start (the rest from no edit)."""
-            k = _kept_share(n) if len(K) else 0  # a request that keeps no concept: all everyday
-            rows = torch.cat([K[pick(len(K), k).to(device)], P[pick(len(P), n - k).to(device)]])
             from_start = torch.ones(n, dtype=torch.bool, device=device)
+            if not len(K):  # a request that keeps no concept: all everyday
+                return P[pick(len(P), n).to(device)], from_start
+            k = _kept_share(n)
             if cfg.preserve_anchor == "start_on_everyday":
                 from_start[:k] = False
-            return rows, from_start
+            return torch.cat([K[pick(len(K), k).to(device)], P[pick(len(P), n - k).to(device)]]), from_start
         soft = [SoftWord(network, c.concept.target, cfg) if cfg.attack_steps and cfg.adversarial_weight else None
                 for c in tokens.concepts]
         target_prompts = [torch.tensor(c.target_prompts()) for c in tokens.concepts]

@@ -407,6 +407,17 @@ def test_stage_2s_open_gate_preservation_holds_the_edit_only_when_anchored_to_it
         assert preserve_change < 0.3 and concept_kept > 1.0 and kept_left < 0.75, measured
 
 
+@pytest.mark.parametrize("anchor", ["zero", "start", "start_on_everyday"])
+def test_stage_2_trains_a_request_that_keeps_no_concept_under_every_anchor(encoder, unet, anchor):
+    _, tokens, adapter, _ = stage1(encoder, unet, preserve="")
+    assert not len(tokens.K)
+    with adapter.attached(unet):
+        latents = _latents(adapter, unet, tokens)
+        result = finetune(adapter, unet, toy_network(unet, encoder), tokens, latents,
+                          FinetuneConfig(steps=3, attack_steps=0, preserve_anchor=anchor))
+    assert len(result.history) == 3 and all(math.isfinite(v) for h in result.history for v in h.values())
+
+
 def test_the_budget_grows_with_the_request(encoder, unet):
     cfg = FinetuneConfig(steps=10, max_steps=25)
     assert [cfg.total_steps(k) for k in (1, 2, 3)] == [10, 20, 25]
