@@ -319,3 +319,21 @@ def gate_score(centered: torch.Tensor, directions: torch.Tensor) -> torch.Tensor
 
     The same score `GatedAdapter.gate` computes, for calibrating it."""
     return (centered @ directions).square().mean(-1).clamp_min(1e-12).log()
+
+
+def open_edit_change(adapter: GatedAdapter, weights: list[torch.Tensor],
+                     start_edit: list[tuple[torch.Tensor, torch.Tensor]] | None, P: torch.Tensor,
+                     from_start: torch.Tensor | None = None) -> torch.Tensor:
+    """How far the open-gate edit moves the preserve tokens' keys and values, relative to them:
+    from where the edit started (`start_edit`, each layer's A and B) on the rows `from_start`
+    marks (all, given None), from no edit on the others and everywhere given no `start_edit`."""
+    moved = kept = 0
+    for i, (A, B, W) in enumerate(zip(adapter.lora_down, adapter.lora_up, weights)):
+        change = (P @ A.T) @ B.T
+        if start_edit is not None:
+            A0, B0 = start_edit[i]
+            start = (P @ A0.T) @ B0.T
+            change = change - (start if from_start is None else start * from_start[:, None])
+        moved = moved + change.square().sum()
+        kept = kept + (P @ W.T).square().sum().detach()
+    return moved / kept.clamp_min(1e-12)

@@ -48,7 +48,7 @@ from typing import Callable
 
 import torch
 
-from .adapter import GatedAdapter
+from .adapter import GatedAdapter, open_edit_change
 from .network import Denoiser, Network
 from .tokens import RequestTokens, prompts_to
 
@@ -215,15 +215,15 @@ def finetune(
         # tokens: a few among the everyday prompts, they are where the erasure does its harm.
         kept_prompts = tokens.kept_mask.any(1).nonzero().flatten()
 
-        def anchor_tokens(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def anchor_tokens(n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
             """n preserve embeddings, the kept share of them kept ones, and which rows the term
-            measures from the start (the rest from no edit)."""
-            from_start = torch.ones(n, dtype=torch.bool, device=device)
+            measures from the start (None: all of them; the rest from no edit)."""
             if not len(K):  # a request that keeps no concept: all everyday
-                return P[pick(len(P), n).to(device)], from_start
+                return P[pick(len(P), n).to(device)], None
             k = _kept_share(n)
+            from_start = None
             if cfg.preserve_anchor == "start_on_everyday":
-                from_start[:k] = False
+                from_start = torch.arange(n, device=device) >= k
             return torch.cat([K[pick(len(K), k).to(device)], P[pick(len(P), n - k).to(device)]]), from_start
         soft = [SoftWord(network, c.concept.target, cfg) if cfg.attack_steps and cfg.adversarial_weight else None
                 for c in tokens.concepts]
@@ -308,24 +308,6 @@ def _attack(adapter, denoise, network, soft: SoftWord, texts, x_t, sigma, pooled
     finally:
         for p in adapter.parameters():
             p.requires_grad_(True)
-
-
-def open_edit_change(adapter: GatedAdapter, weights: list[torch.Tensor],
-                     start_edit: list[tuple[torch.Tensor, torch.Tensor]] | None, P: torch.Tensor,
-                     from_start: torch.Tensor | None = None) -> torch.Tensor:
-    """How far the open-gate edit moves the preserve tokens' keys and values, relative to them:
-    from where the edit started (`start_edit`, each layer's A and B) on the rows `from_start`
-    marks (all, given None), from no edit on the others and everywhere given no `start_edit`."""
-    moved = kept = 0
-    for i, (A, B, W) in enumerate(zip(adapter.lora_down, adapter.lora_up, weights)):
-        change = (P @ A.T) @ B.T
-        if start_edit is not None:
-            A0, B0 = start_edit[i]
-            start = (P @ A0.T) @ B0.T
-            change = change - (start if from_start is None else start * from_start[:, None])
-        moved = moved + change.square().sum()
-        kept = kept + (P @ W.T).square().sum().detach()
-    return moved / kept.clamp_min(1e-12)
 
 
 def _on_policy(denoise, network: Network, concept, generator, device) -> torch.Tensor:

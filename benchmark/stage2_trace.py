@@ -27,7 +27,7 @@ def open_edit_size(adapter, weights: list[torch.Tensor], P: torch.Tensor) -> dic
     """||B A|| summed over projections, and the open edit's change of P's keys and values relative to them."""
     with torch.no_grad():
         norm = sum((B @ A).norm().item() for A, B in zip(adapter.lora_down, adapter.lora_up))
-        change = host.start().ace.finetune.open_edit_change(adapter, weights, None, P).item() ** 0.5
+        change = host.start().ace.adapter.open_edit_change(adapter, weights, None, P).item() ** 0.5
     return {"edit_norm": round(norm, 2), "preserve_change": round(change, 4)}
 
 
