@@ -24,7 +24,9 @@ it, σ drawn as the model was trained (`Network.train_sigmas`):
   embeddings of the text encoder, which an inner attacker optimises with Adam for
   `attack_steps` steps per outer step, warm-started from the previous step (AdvUnlearn's and
   Receler's scheme), to make the edited model predict the concept again: the attack a
-  textual-inversion attacker makes. The gate learns to open on it.
+  textual-inversion attacker makes. The gate learns to open on it. With `restart_every`, the word
+  starts afresh from the phrase every so many steps of its concept and is first attacked for
+  `restart_attack_steps` steps on fresh examples (off by default: docs/method.md, 5.4).
 - The preserve term binds where the gate is closed too: the second part is how far the open-gate
   edit moves preserve tokens' keys and values, relative to them, so the baked model and the
   exported LoRA stay specific. By default it is measured from no edit, which pulls the whole edit
@@ -74,11 +76,18 @@ class FinetuneConfig:
     # "zero" (no edit), "start" (the edit stage 2 starts from) or "start_on_everyday" (from the
     # start on the everyday pool, from no edit on the kept concepts' tokens); docs/method.md, 5.3
     preserve_anchor: str = "zero"
+    # Every `restart_every` steps of a concept (0: never) its soft word starts afresh from the
+    # phrase and is attacked for `restart_attack_steps` steps, each on fresh examples, before
+    # training goes on: the threat starts from the word and runs long, which a warm-started word
+    # the edit has already beaten is not (docs/method.md, 5.4)
+    restart_every: int = 0
+    restart_attack_steps: int = 40
     seed: int = 0
 
     def __post_init__(self):
         for name, low, high in (("steps", 0, 100_000), ("max_steps", 1, 1_000_000), ("attack_steps", 0, 100),
-                                ("batch_size", 1, 64), ("images_per_concept", 1, 64), ("on_policy_every", 0, 100_000)):
+                                ("batch_size", 1, 64), ("images_per_concept", 1, 64), ("on_policy_every", 0, 100_000),
+                                ("restart_every", 0, 100_000), ("restart_attack_steps", 0, 10_000)):
             v = getattr(self, name)
             if not (isinstance(v, int) and low <= v <= high):
                 raise ValueError(f"{name.replace('_', ' ')} must be an integer from {low} to {high}, got {v!r}")
@@ -161,6 +170,19 @@ class SoftWord:
         self.optimizer = torch.optim.Adam(list(self.vectors.values()), lr=cfg.attack_rate * scale)
 
 
+@dataclass
+class SoftBatch:
+    """What one attack step on a soft word, and the adversarial term, run on."""
+
+    chosen: torch.Tensor  # which of the concept's prompts (each names its target)
+    texts: list[str]
+    pooled: torch.Tensor | None  # those prompts' pooled text, which the soft word keeps
+    x_t: torch.Tensor
+    sigma: torch.Tensor
+    weight: torch.Tensor  # 1/σ²
+    original: torch.Tensor  # the original model's prediction for the prompts
+
+
 def finetune(
     adapter: GatedAdapter,
     denoise: Denoiser,
@@ -202,6 +224,27 @@ def finetune(
             index[:_kept_share(n)] = kept[pick(len(kept), _kept_share(n))]
         return index
 
+    def noisy(c: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """b noisy examples x_t of concept c, their σ and their loss weight 1/σ²."""
+        x0 = torch.stack([pool[c][i] for i in pick(len(pool[c]), b).tolist()]).to(device)
+        sigma = train_sigmas[pick(len(train_sigmas), b)].to(device, x0.dtype)
+        x_t = (x0 + torch.randn(x0.shape, generator=generator).to(device, x0.dtype) * sigma.view(-1, *[1] * (x0.dim() - 1))).detach()
+        return x_t, sigma, 1 / sigma.float().square()
+
+    def soft_batch(c: int, b: int, examples: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> SoftBatch:
+        """b of concept c's prompts that name its target, on `examples` (x_t, σ, weight; fresh
+        ones if None), with the original model's prediction for them."""
+        concept = tokens.concepts[c]
+        chosen = target_prompts[c][pick(len(target_prompts[c]), b)]
+        x_t, sigma, weight = noisy(c, b) if examples is None else examples
+        # The soft word keeps the concept prompt's pooled text: the attack moves the tokens
+        # the cross-attention reads, which is what the edit acts on.
+        chosen_ctx, chosen_pooled = on_device(concept.concept_at(chosen))
+        with torch.no_grad(), adapter.disabled():
+            original = denoise(x_t, sigma, chosen_ctx, chosen_pooled)
+        return SoftBatch(chosen, [concept.prompts[i] for i in chosen.tolist()], chosen_pooled, x_t, sigma, weight,
+                         original)
+
     with torch.inference_mode(False), torch.enable_grad():
         autograd_safe(adapter)
         adapter.requires_grad_(True)
@@ -237,13 +280,14 @@ def finetune(
             if cfg.on_policy_every and turn % cfg.on_policy_every == cfg.on_policy_every - 1:
                 pool[c].append(_on_policy(denoise, network, concept, generator, device))
             b = cfg.batch_size
+            if soft[c] is not None and cfg.restart_every and turn and turn % cfg.restart_every == 0:
+                soft[c] = SoftWord(network, concept.concept.target, cfg)
+                for _ in range(cfg.restart_attack_steps):
+                    _attack(adapter, denoise, network, soft[c], soft_batch(c, b), 1)
             prompt = pick(len(concept.prompts), b)
-            x0 = torch.stack([pool[c][i] for i in pick(len(pool[c]), b).tolist()]).to(device)
-            sigma = train_sigmas[pick(len(train_sigmas), b)].to(device, x0.dtype)
-            x_t = (x0 + torch.randn(x0.shape, generator=generator).to(device, x0.dtype) * sigma.view(-1, *[1] * (x0.dim() - 1))).detach()
+            x_t, sigma, weight = noisy(c, b)
             ctx, pooled = on_device(concept.concept_at(prompt))
             p_ctx, p_pooled = on_device(tokens.preserve_at(draw(b, kept_prompts, len(tokens.preserve_context))))
-            weight = 1 / sigma.float().square()
 
             with torch.no_grad(), adapter.disabled():
                 original_concept = denoise(x_t, sigma, ctx, pooled)
@@ -255,20 +299,14 @@ def finetune(
             gate_terms = [_bce(adapter.gate(usable(concept.C[concept.is_phrase]))[:, c], 1.0),
                           _bce(adapter.gate(P[pick(len(P), 256).to(device)]), 0.0)]
             if soft[c] is not None:
-                chosen = target_prompts[c][pick(len(target_prompts[c]), b)]
-                texts = [concept.prompts[i] for i in chosen.tolist()]
-                # The soft word keeps the concept prompt's pooled text: the attack moves the tokens
-                # the cross-attention reads, which is what the edit acts on.
-                chosen_ctx, chosen_pooled = on_device(concept.concept_at(chosen))
+                attacked = soft_batch(c, b, (x_t, sigma, weight))
                 with torch.no_grad(), adapter.disabled():
-                    original_target = denoise(x_t, sigma, chosen_ctx, chosen_pooled)
-                    neutral_target = denoise(x_t, sigma, *on_device(concept.neutral_at(chosen)))
-                adv = _attack(adapter, denoise, network, soft[c], texts, x_t, sigma, chosen_pooled, original_target,
-                              weight, cfg)
-                adv_target = neutral_target - cfg.guidance * (original_target - neutral_target)
-                losses["adversarial"] = (weight * _per_sample_mse(denoise(x_t, sigma, adv, chosen_pooled),
+                    neutral = denoise(x_t, sigma, *on_device(concept.neutral_at(attacked.chosen)))
+                adv = _attack(adapter, denoise, network, soft[c], attacked, cfg.attack_steps)
+                adv_target = neutral - cfg.guidance * (attacked.original - neutral)
+                losses["adversarial"] = (weight * _per_sample_mse(denoise(x_t, sigma, adv, attacked.pooled),
                                                                   adv_target)).mean()
-                gate_terms.append(_bce(adapter.gate(adv[usable(phrase_masks[c][chosen])])[:, c], 1.0))
+                gate_terms.append(_bce(adapter.gate(adv[usable(phrase_masks[c][attacked.chosen])])[:, c], 1.0))
             losses["preserve"] = (weight * _per_sample_mse(denoise(x_t, sigma, p_ctx, p_pooled), original_preserve)).mean() \
                 + open_edit_change(adapter, weights, start_edit, *anchor_tokens(256))
             losses["gate"] = sum(gate_terms) / len(gate_terms)
@@ -290,21 +328,21 @@ def finetune(
     return result
 
 
-def _attack(adapter, denoise, network, soft: SoftWord, texts, x_t, sigma, pooled, original_concept, weight,
-            cfg) -> torch.Tensor:
-    """`cfg.attack_steps` Adam steps on the soft word towards the original model's prediction of
-    the concept through the edited model; returns the context it makes now (detached)."""
+def _attack(adapter, denoise, network, soft: SoftWord, batch: SoftBatch, steps: int) -> torch.Tensor:
+    """`steps` Adam steps on the soft word towards the original model's prediction of the concept
+    through the edited model; returns the context it makes now (detached)."""
     for p in adapter.parameters():
         p.requires_grad_(False)
     try:
-        for _ in range(cfg.attack_steps):
-            context = network.encoder.encode_soft(texts, soft.phrase, soft.vectors)
-            loss = (weight * _per_sample_mse(denoise(x_t, sigma, context, pooled), original_concept)).mean()
+        for _ in range(steps):
+            context = network.encoder.encode_soft(batch.texts, soft.phrase, soft.vectors)
+            prediction = denoise(batch.x_t, batch.sigma, context, batch.pooled)
+            loss = (batch.weight * _per_sample_mse(prediction, batch.original)).mean()
             soft.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             soft.optimizer.step()
         with torch.no_grad():
-            return network.encoder.encode_soft(texts, soft.phrase, soft.vectors).detach()
+            return network.encoder.encode_soft(batch.texts, soft.phrase, soft.vectors).detach()
     finally:
         for p in adapter.parameters():
             p.requires_grad_(True)

@@ -74,6 +74,10 @@ def test_config_validation():
         FinetuneConfig(learning_rate=float("nan"))
     with pytest.raises(ValueError, match="preserve anchor must be one of zero, start, start_on_everyday, got 'yes'"):
         FinetuneConfig(preserve_anchor="yes")
+    with pytest.raises(ValueError, match="restart every must be an integer from 0 to 100000, got -1"):
+        FinetuneConfig(restart_every=-1)
+    with pytest.raises(ValueError, match="restart attack steps must be an integer from 0 to 10000, got 2.5"):
+        FinetuneConfig(restart_attack_steps=2.5)
 
 
 # --- stage 0 ------------------------------------------------------------------------------------
@@ -482,6 +486,53 @@ def test_adversarial_training_lowers_the_worst_case_under_a_soft_word_attack(enc
                      FinetuneConfig(steps=60, adversarial_weight=weight, attack_steps=2))
             worst[name] = _worst_case(adapter, unet, encoder, tokens, latents)
     assert worst["adversarial"] < 0.9 * worst["plain"], worst
+
+
+def test_a_restarted_soft_word_is_attacked_afresh_from_the_phrase(encoder, unet, monkeypatch):
+    """With `restart_every` the soft word starts again from the phrase at that concept step and is
+    attacked for `restart_attack_steps` steps before training goes on; without it, the same run
+    draws exactly as before (the option costs nothing when off)."""
+    import ace.finetune as finetune_module
+
+    starts, attack_steps = [], []
+    real_soft_word, real_attack = finetune_module.SoftWord, finetune_module._attack
+
+    class Recorded(real_soft_word):
+        def __init__(self, network, phrase, cfg):
+            super().__init__(network, phrase, cfg)
+            starts.append({k: v.detach().clone() for k, v in self.vectors.items()})
+
+    def counted(adapter, denoise, network, soft, batch, steps):
+        attack_steps.append(steps)
+        return real_attack(adapter, denoise, network, soft, batch, steps)
+
+    monkeypatch.setattr(finetune_module, "SoftWord", Recorded)
+    monkeypatch.setattr(finetune_module, "_attack", counted)
+    adapters = {}
+    for every in (0, 5):
+        starts.clear(), attack_steps.clear()
+        _, tokens, adapter, _ = stage1(encoder, unet)
+        with adapter.attached(unet):
+            latents = _latents(adapter, unet, tokens)
+            finetune(adapter, unet, toy_network(unet, encoder), tokens, latents,
+                     FinetuneConfig(steps=12, attack_steps=2, restart_every=every, restart_attack_steps=7))
+        adapters[every] = adapter
+        if every:
+            # the first word, then fresh ones at concept steps 5 and 10, each from the phrase's embeddings
+            assert len(starts) == 3 and all(torch.equal(s[k], starts[0][k]) for s in starts for k in s)
+            # 12 steps of 2 inner steps, and 7 single steps on fresh examples at each restart
+            assert attack_steps.count(2) == 12 and attack_steps.count(1) == 14, attack_steps
+        else:
+            assert len(starts) == 1 and attack_steps == [2] * 12
+    changed = max((a - b).abs().max().item() for a, b in zip(adapters[0].lora_up, adapters[5].lora_up))
+    assert changed > 1e-4  # training on the restarted words moves the edit elsewhere
+    # off, the run is the default one, draw for draw
+    _, tokens, adapter, _ = stage1(encoder, unet)
+    with adapter.attached(unet):
+        finetune(adapter, unet, toy_network(unet, encoder), tokens, _latents(adapter, unet, tokens),
+                 FinetuneConfig(steps=12, attack_steps=2, restart_attack_steps=99))
+    for a, b in zip(adapter.lora_up, adapters[0].lora_up):
+        assert torch.equal(a, b)
 
 
 # --- the whole method, and files --------------------------------------------------------------
