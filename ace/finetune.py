@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -150,6 +150,11 @@ def _bce(g: torch.Tensor, target: float) -> torch.Tensor:
     return -(torch.log(g) if target == 1 else torch.log(1 - g)).mean()
 
 
+def guided_target(neutral: torch.Tensor, concept: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Negative guidance (ESD's): the neutral prediction pushed away from the concept's by η."""
+    return neutral - guidance * (concept - neutral)
+
+
 def learning_rate(cfg: FinetuneConfig, step: int, total: int) -> float:
     """Linear warm-up over the first tenth, then a cosine down to a tenth of the rate."""
     warm = max(1, total // 10)
@@ -181,6 +186,7 @@ class SoftBatch:
     sigma: torch.Tensor
     weight: torch.Tensor  # 1/σ²
     original: torch.Tensor  # the original model's prediction for the prompts
+    target: torch.Tensor | None  # the erase target for them (`guided_target`), where asked for
 
 
 def finetune(
@@ -231,19 +237,25 @@ def finetune(
         x_t = (x0 + torch.randn(x0.shape, generator=generator).to(device, x0.dtype) * sigma.view(-1, *[1] * (x0.dim() - 1))).detach()
         return x_t, sigma, 1 / sigma.float().square()
 
-    def soft_batch(c: int, b: int, examples: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> SoftBatch:
+    def soft_batch(c: int, b: int, examples: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                   with_target: bool = False) -> SoftBatch:
         """b of concept c's prompts that name its target, on `examples` (x_t, σ, weight; fresh
-        ones if None), with the original model's prediction for them."""
+        ones if None), with the original model's prediction for them and, `with_target`, their
+        erase target."""
         concept = tokens.concepts[c]
         chosen = target_prompts[c][pick(len(target_prompts[c]), b)]
         x_t, sigma, weight = noisy(c, b) if examples is None else examples
         # The soft word keeps the concept prompt's pooled text: the attack moves the tokens
         # the cross-attention reads, which is what the edit acts on.
         chosen_ctx, chosen_pooled = on_device(concept.concept_at(chosen))
+        target = None
         with torch.no_grad(), adapter.disabled():
             original = denoise(x_t, sigma, chosen_ctx, chosen_pooled)
+            if with_target:
+                neutral = denoise(x_t, sigma, *on_device(concept.neutral_at(chosen)))
+                target = guided_target(neutral, original, cfg.guidance)
         return SoftBatch(chosen, [concept.prompts[i] for i in chosen.tolist()], chosen_pooled, x_t, sigma, weight,
-                         original)
+                         original, target)
 
     with torch.inference_mode(False), torch.enable_grad():
         autograd_safe(adapter)
@@ -282,8 +294,7 @@ def finetune(
             b = cfg.batch_size
             if soft[c] is not None and cfg.restart_every and turn and turn % cfg.restart_every == 0:
                 soft[c] = SoftWord(network, concept.concept.target, cfg)
-                for _ in range(cfg.restart_attack_steps):
-                    _attack(adapter, denoise, network, soft[c], soft_batch(c, b), 1)
+                _attack(adapter, denoise, network, soft[c], (soft_batch(c, b) for _ in range(cfg.restart_attack_steps)))
             prompt = pick(len(concept.prompts), b)
             x_t, sigma, weight = noisy(c, b)
             ctx, pooled = on_device(concept.concept_at(prompt))
@@ -293,19 +304,18 @@ def finetune(
                 original_concept = denoise(x_t, sigma, ctx, pooled)
                 original_neutral = denoise(x_t, sigma, *on_device(concept.neutral_at(prompt)))
                 original_preserve = denoise(x_t, sigma, p_ctx, p_pooled)
-                target = original_neutral - cfg.guidance * (original_concept - original_neutral)
+                target = guided_target(original_neutral, original_concept, cfg.guidance)
 
             losses = {"erase": (weight * _per_sample_mse(denoise(x_t, sigma, ctx, pooled), target)).mean()}
             gate_terms = [_bce(adapter.gate(usable(concept.C[concept.is_phrase]))[:, c], 1.0),
                           _bce(adapter.gate(P[pick(len(P), 256).to(device)]), 0.0)]
             if soft[c] is not None:
-                attacked = soft_batch(c, b, (x_t, sigma, weight))
-                with torch.no_grad(), adapter.disabled():
-                    neutral = denoise(x_t, sigma, *on_device(concept.neutral_at(attacked.chosen)))
-                adv = _attack(adapter, denoise, network, soft[c], attacked, cfg.attack_steps)
-                adv_target = neutral - cfg.guidance * (attacked.original - neutral)
+                attacked = soft_batch(c, b, (x_t, sigma, weight), with_target=True)
+                _attack(adapter, denoise, network, soft[c], [attacked] * cfg.attack_steps)
+                with torch.no_grad():
+                    adv = network.encoder.encode_soft(attacked.texts, soft[c].phrase, soft[c].vectors)
                 losses["adversarial"] = (weight * _per_sample_mse(denoise(x_t, sigma, adv, attacked.pooled),
-                                                                  adv_target)).mean()
+                                                                  attacked.target)).mean()
                 gate_terms.append(_bce(adapter.gate(adv[usable(phrase_masks[c][attacked.chosen])])[:, c], 1.0))
             losses["preserve"] = (weight * _per_sample_mse(denoise(x_t, sigma, p_ctx, p_pooled), original_preserve)).mean() \
                 + open_edit_change(adapter, weights, start_edit, *anchor_tokens(256))
@@ -328,21 +338,19 @@ def finetune(
     return result
 
 
-def _attack(adapter, denoise, network, soft: SoftWord, batch: SoftBatch, steps: int) -> torch.Tensor:
-    """`steps` Adam steps on the soft word towards the original model's prediction of the concept
-    through the edited model; returns the context it makes now (detached)."""
+def _attack(adapter, denoise, network, soft: SoftWord, batches: Iterable[SoftBatch]) -> None:
+    """One Adam step on the soft word per batch, towards the original model's prediction of the
+    concept through the edited model (whose parameters stay out of the graph meanwhile)."""
     for p in adapter.parameters():
         p.requires_grad_(False)
     try:
-        for _ in range(steps):
+        for batch in batches:
             context = network.encoder.encode_soft(batch.texts, soft.phrase, soft.vectors)
             prediction = denoise(batch.x_t, batch.sigma, context, batch.pooled)
             loss = (batch.weight * _per_sample_mse(prediction, batch.original)).mean()
             soft.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             soft.optimizer.step()
-        with torch.no_grad():
-            return network.encoder.encode_soft(batch.texts, soft.phrase, soft.vectors).detach()
     finally:
         for p in adapter.parameters():
             p.requires_grad_(True)

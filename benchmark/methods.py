@@ -208,7 +208,7 @@ def esd_x(model, clip, request, steps: int = ESD_STEPS, learning_rate: float = E
                 cond = denoise(x_t, sigma, context)
                 free = denoise(x_t, sigma, uncond.expand(batch_size, -1, -1))
                 # Negative guidance, written on the denoised estimate (affine in ε at fixed x_t, σ).
-                target = free - guidance * (cond - free)
+                target = finetune.guided_target(free, cond, guidance)
             loss = (denoise(x_t, sigma, context) - target).square().mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
