@@ -17,7 +17,8 @@ it, σ drawn as the model was trained (`Network.train_sigmas`):
   concept's by η. Matching the neutral prediction alone gives almost no signal: at low noise the
   original model's neutral prediction of a noisy concept picture still contains the concept, and
   stage 1 already matches it. Dividing by σ² weighs every noise level as a noise-prediction loss
-  does (D = x_t − σ ε).
+  does (D = x_t − σ ε); `loss_weighting="model"` weighs it as the model was trained instead
+  (`Network.train_weights`: the same for an ε model, an added x_0 term for v-prediction and EDM).
 - x_0: pictures the original model draws of the concept, and, every `on_policy_every` steps of
   that concept, one the edited model draws (on-policy: where the erased model actually goes).
 - The soft word (the adversarial input): the concept's word replaced by free input token
@@ -56,6 +57,7 @@ from .tokens import RequestTokens, prompts_to
 
 
 PRESERVE_ANCHORS = ("zero", "start", "start_on_everyday")
+LOSS_WEIGHTINGS = ("noise", "model")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,9 @@ class FinetuneConfig:
     # the edit has already beaten is not (docs/method.md, 5.4)
     restart_every: int = 0
     restart_attack_steps: int = 40
+    # How the noise levels weigh in every loss: "noise" (1/σ², a noise-prediction loss) or "model"
+    # (the weights the model was trained with, `Network.train_weights`; docs/method.md, 5.3)
+    loss_weighting: str = "noise"
     seed: int = 0
 
     def __post_init__(self):
@@ -95,6 +100,8 @@ class FinetuneConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name.replace('_', ' ')} must be a finite number >= 0, got {v!r}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {self.loss_weighting!r}")
         if self.preserve_anchor not in PRESERVE_ANCHORS:
             raise ValueError(f"preserve anchor must be one of {', '.join(PRESERVE_ANCHORS)}, got {self.preserve_anchor!r}")
         if not 0 < self.learning_rate <= 1:
@@ -184,7 +191,7 @@ class SoftBatch:
     pooled: torch.Tensor | None  # those prompts' pooled text, which the soft word keeps
     x_t: torch.Tensor
     sigma: torch.Tensor
-    weight: torch.Tensor  # 1/σ²
+    weight: torch.Tensor  # each example's loss weight (1/σ², or the model's)
     original: torch.Tensor  # the original model's prediction for the prompts
     target: torch.Tensor | None  # the erase target for them (`guided_target`), where asked for
 
@@ -210,6 +217,8 @@ def finetune(
     device = latents[0].device
     generator = torch.Generator().manual_seed(cfg.seed)
     train_sigmas = network.train_sigmas.float()
+    train_weights = 1 / train_sigmas.square() if cfg.loss_weighting == "noise" or network.train_weights is None \
+        else network.train_weights.float()
     weights = [network.weights[p.name].detach().to(device, torch.float32) for p in adapter.projections]
     pool = [list(x) for x in latents]  # each concept's examples; on-policy ones join them
 
@@ -231,11 +240,12 @@ def finetune(
         return index
 
     def noisy(c: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """b noisy examples x_t of concept c, their σ and their loss weight 1/σ²."""
+        """b noisy examples x_t of concept c, their σ and their loss weight."""
         x0 = torch.stack([pool[c][i] for i in pick(len(pool[c]), b).tolist()]).to(device)
-        sigma = train_sigmas[pick(len(train_sigmas), b)].to(device, x0.dtype)
+        level = pick(len(train_sigmas), b)
+        sigma = train_sigmas[level].to(device, x0.dtype)
         x_t = (x0 + torch.randn(x0.shape, generator=generator).to(device, x0.dtype) * sigma.view(-1, *[1] * (x0.dim() - 1))).detach()
-        return x_t, sigma, 1 / sigma.float().square()
+        return x_t, sigma, train_weights[level].to(device)
 
     def soft_batch(c: int, b: int, examples: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                    with_target: bool = False) -> SoftBatch:

@@ -53,7 +53,9 @@ class Network:
     denoiser with `edit` (a `ProjectionEdit`) running on the projections, for stage 2; the original
     model's predictions come from the same network with the edit switched off. `sample_sigmas`
     (descending, ending at 0) draw the concept's examples; `train_sigmas` is a table of noise
-    levels whose uniform draw is the model's training distribution, for stage 2. `num_res_blocks`
+    levels whose uniform draw is the model's training distribution, for stage 2, and
+    `train_weights` the loss weight each of those levels had in the model's training, on the
+    denoised estimate (None: 1/σ², a noise-predicting model's). `num_res_blocks`
     (residual blocks per UNet level) fixes the diffusers names of the projections in an exported
     LoRA. `compute` is how `attach` runs the network (precision, gradient checkpointing).
     """
@@ -69,3 +71,4 @@ class Network:
     num_res_blocks: int
     device: torch.device = torch.device("cpu")
     compute: TrainingCompute = TrainingCompute()
+    train_weights: torch.Tensor | None = None

@@ -360,6 +360,17 @@ def training_sigmas(model_patcher, sample_steps: int = 8) -> tuple[torch.Tensor,
     return sample, table
 
 
+def training_weights(model_patcher, sigmas: torch.Tensor) -> torch.Tensor:
+    """The loss weight the model was trained with at each of `sigmas`, written on the denoised
+    estimate: 1/σ² for a noise-predicting model (its ε loss), (σ² + σ_d²) / (σ σ_d)² for
+    v-prediction and EDM (their loss on the network's output)."""
+    sampling = model_patcher.get_model_object("model_sampling")
+    if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
+        sigma_data = float(sampling.sigma_data)
+        return (sigmas.square() + sigma_data ** 2) / (sigmas * sigma_data).square()
+    return 1 / sigmas.square()
+
+
 def default_compute(model_patcher) -> TrainingCompute:
     """Stage 2's safe defaults where the MODEL runs. On the CPU (and any device but CUDA): fp32 and
     no checkpointing, the plain path that every device runs. On a CUDA GPU: bf16
@@ -417,6 +428,7 @@ def model_network(model_patcher, encoder: TextEncoder, resolution: int | None = 
         latent_shape=latent_shape(model_patcher, resolution or DEFAULT_RESOLUTION.get(family, 512)),
         sample_sigmas=sample_sigmas,
         train_sigmas=train_sigmas,
+        train_weights=training_weights(model_patcher, train_sigmas),
         num_res_blocks=num_res_blocks(model_patcher),
         device=model_patcher.load_device,
         compute=compute,

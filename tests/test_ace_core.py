@@ -12,7 +12,7 @@ from ace.families import UnsupportedModelError, cross_attention_projections
 from ace.files import ErasureFileError, check_file_name, load_erasure, save_erasure
 from ace.finetune import FinetuneConfig, finetune, sample_latents
 from ace.tokens import collect_request
-from toys import SAMPLE_SIGMAS, ToyTextEncoder, ToyUNet, toy_network
+from toys import SAMPLE_SIGMAS, TRAIN_SIGMAS, ToyTextEncoder, ToyUNet, toy_network
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,8 @@ def test_config_validation():
         FinetuneConfig(restart_every=-1)
     with pytest.raises(ValueError, match="restart attack steps must be an integer from 0 to 10000, got 2.5"):
         FinetuneConfig(restart_attack_steps=2.5)
+    with pytest.raises(ValueError, match="loss weighting must be one of noise, model, got 'edm'"):
+        FinetuneConfig(loss_weighting="edm")
 
 
 # --- stage 0 ------------------------------------------------------------------------------------
@@ -484,6 +486,27 @@ def test_adversarial_training_lowers_the_worst_case_under_a_soft_word_attack(enc
                      FinetuneConfig(steps=60, adversarial_weight=weight, attack_steps=2))
             worst[name] = _worst_case(adapter, unet, encoder, tokens, latents)
     assert worst["adversarial"] < 0.9 * worst["plain"], worst
+
+
+def test_model_loss_weighting_weighs_every_term_by_the_networks_training_weights(encoder, unet):
+    """With `loss_weighting="model"` every loss of stage 2 weighs its noise level by
+    `Network.train_weights`: weights of 3/σ² triple each term of the first step (the same draws,
+    the same untrained adapter; Adam's step on the soft word hardly depends on its gradient's
+    scale); the gate term has no noise level and stays as it is."""
+    from dataclasses import replace
+
+    network = toy_network(unet, encoder)
+    first = {}
+    for weighting, net in (("noise", network), ("model", replace(network, train_weights=3 / TRAIN_SIGMAS.square()))):
+        _, tokens, adapter, _ = stage1(encoder, unet)
+        with adapter.attached(unet):
+            result = finetune(adapter, unet, net, tokens, _latents(adapter, unet, tokens),
+                              FinetuneConfig(steps=1, attack_steps=1, loss_weighting=weighting))
+        first[weighting] = result.history[0]
+    # the preserve term's open-gate part has no noise level: compare the denoising terms
+    for term in ("erase", "adversarial"):
+        assert first["model"][term] == pytest.approx(3 * first["noise"][term], rel=1e-4)
+    assert first["model"]["gate"] == pytest.approx(first["noise"]["gate"], rel=1e-4)
 
 
 def test_a_restarted_soft_word_is_attacked_afresh_from_the_phrase(encoder, unet, monkeypatch):

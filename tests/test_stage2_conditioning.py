@@ -174,3 +174,9 @@ def test_sd2_v_prediction_goes_through_comfyui_model_sampling(sd2_clip, how):
     network = comfy_models.network_of(v_model, sd2_clip, resolution=64)
     assert network.train_sigmas.max() <= float(sampling.sigma_max) + 1e-3
     assert network.train_sigmas.min() >= float(sampling.sigma_min) - 1e-3
+    # with the loss weight each was trained with, on the denoised estimate: v-prediction's
+    # (σ² + 1)/σ² (σ_data 1), ε's 1/σ²
+    s = network.train_sigmas
+    assert torch.allclose(network.train_weights, (s.square() + 1) / s.square())
+    eps_network = comfy_models.network_of(eps, sd2_clip, resolution=64)
+    assert torch.allclose(eps_network.train_weights, 1 / eps_network.train_sigmas.square())
