@@ -52,7 +52,7 @@ from typing import Callable, Iterable
 import torch
 
 from .adapter import GatedAdapter, open_edit_change
-from .network import Denoiser, Network
+from .network import Denoiser, Network, noise_prediction_weights
 from .tokens import RequestTokens, prompts_to
 
 
@@ -193,7 +193,6 @@ class SoftBatch:
     sigma: torch.Tensor
     weight: torch.Tensor  # each example's loss weight (1/σ², or the model's)
     original: torch.Tensor  # the original model's prediction for the prompts
-    target: torch.Tensor | None  # the erase target for them (`guided_target`), where asked for
 
 
 def finetune(
@@ -217,8 +216,8 @@ def finetune(
     device = latents[0].device
     generator = torch.Generator().manual_seed(cfg.seed)
     train_sigmas = network.train_sigmas.float()
-    train_weights = 1 / train_sigmas.square() if cfg.loss_weighting == "noise" or network.train_weights is None \
-        else network.train_weights.float()
+    train_weights = network.train_weights.float() if cfg.loss_weighting == "model" and network.train_weights is not None \
+        else noise_prediction_weights(train_sigmas)
     weights = [network.weights[p.name].detach().to(device, torch.float32) for p in adapter.projections]
     pool = [list(x) for x in latents]  # each concept's examples; on-policy ones join them
 
@@ -247,25 +246,18 @@ def finetune(
         x_t = (x0 + torch.randn(x0.shape, generator=generator).to(device, x0.dtype) * sigma.view(-1, *[1] * (x0.dim() - 1))).detach()
         return x_t, sigma, train_weights[level].to(device)
 
-    def soft_batch(c: int, b: int, examples: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                   with_target: bool = False) -> SoftBatch:
+    def soft_batch(c: int, b: int, examples: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> SoftBatch:
         """b of concept c's prompts that name its target, on `examples` (x_t, σ, weight; fresh
-        ones if None), with the original model's prediction for them and, `with_target`, their
-        erase target."""
+        ones if None), with the original model's prediction for them."""
         concept = tokens.concepts[c]
         chosen = target_prompts[c][pick(len(target_prompts[c]), b)]
         x_t, sigma, weight = noisy(c, b) if examples is None else examples
         # The soft word keeps the concept prompt's pooled text: the attack moves the tokens
         # the cross-attention reads, which is what the edit acts on.
         chosen_ctx, chosen_pooled = on_device(concept.concept_at(chosen))
-        target = None
         with torch.no_grad(), adapter.disabled():
             original = denoise(x_t, sigma, chosen_ctx, chosen_pooled)
-            if with_target:
-                neutral = denoise(x_t, sigma, *on_device(concept.neutral_at(chosen)))
-                target = guided_target(neutral, original, cfg.guidance)
-        return SoftBatch(chosen, [concept.prompts[i] for i in chosen.tolist()], chosen_pooled, x_t, sigma, weight,
-                         original, target)
+        return SoftBatch(chosen, [concept.prompts[i] for i in chosen.tolist()], chosen_pooled, x_t, sigma, weight, original)
 
     with torch.inference_mode(False), torch.enable_grad():
         autograd_safe(adapter)
@@ -320,12 +312,15 @@ def finetune(
             gate_terms = [_bce(adapter.gate(usable(concept.C[concept.is_phrase]))[:, c], 1.0),
                           _bce(adapter.gate(P[pick(len(P), 256).to(device)]), 0.0)]
             if soft[c] is not None:
-                attacked = soft_batch(c, b, (x_t, sigma, weight), with_target=True)
+                attacked = soft_batch(c, b, (x_t, sigma, weight))
+                with torch.no_grad(), adapter.disabled():
+                    neutral = denoise(x_t, sigma, *on_device(concept.neutral_at(attacked.chosen)))
+                adversarial_target = guided_target(neutral, attacked.original, cfg.guidance)
                 _attack(adapter, denoise, network, soft[c], [attacked] * cfg.attack_steps)
                 with torch.no_grad():
                     adv = network.encoder.encode_soft(attacked.texts, soft[c].phrase, soft[c].vectors)
                 losses["adversarial"] = (weight * _per_sample_mse(denoise(x_t, sigma, adv, attacked.pooled),
-                                                                  attacked.target)).mean()
+                                                                  adversarial_target)).mean()
                 gate_terms.append(_bce(adapter.gate(adv[usable(phrase_masks[c][attacked.chosen])])[:, c], 1.0))
             losses["preserve"] = (weight * _per_sample_mse(denoise(x_t, sigma, p_ctx, p_pooled), original_preserve)).mean() \
                 + open_edit_change(adapter, weights, start_edit, *anchor_tokens(256))

@@ -55,7 +55,7 @@ class Network:
     (descending, ending at 0) draw the concept's examples; `train_sigmas` is a table of noise
     levels whose uniform draw is the model's training distribution, for stage 2, and
     `train_weights` the loss weight each of those levels had in the model's training, on the
-    denoised estimate (None: 1/σ², a noise-predicting model's). `num_res_blocks`
+    denoised estimate (None: `noise_prediction_weights`, a noise-predicting model's). `num_res_blocks`
     (residual blocks per UNet level) fixes the diffusers names of the projections in an exported
     LoRA. `compute` is how `attach` runs the network (precision, gradient checkpointing).
     """
@@ -72,3 +72,9 @@ class Network:
     device: torch.device = torch.device("cpu")
     compute: TrainingCompute = TrainingCompute()
     train_weights: torch.Tensor | None = None
+
+
+def noise_prediction_weights(sigmas: torch.Tensor) -> torch.Tensor:
+    """1/σ²: a loss on the denoised estimate D, weighted so, is the noise-prediction loss on ε
+    (D = x_t − σ ε)."""
+    return 1 / sigmas.square()

@@ -28,7 +28,7 @@ from ..ace.adapter import PatchedForward, ProjectionEdit
 from ..ace.erasure import Erasure
 from ..ace.families import Projection, check_family, cross_attention_projections
 from ..ace.finetune import autograd_safe
-from ..ace.network import PRECISIONS, Network, TrainingCompute
+from ..ace.network import PRECISIONS, Network, TrainingCompute, noise_prediction_weights
 from ..ace.tokens import TextEncoder
 
 # ComfyUI's model config class (comfy/supported_models.py) -> ACE family. Matched by exact class
@@ -368,7 +368,7 @@ def training_weights(model_patcher, sigmas: torch.Tensor) -> torch.Tensor:
     if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
         sigma_data = float(sampling.sigma_data)
         return (sigmas.square() + sigma_data ** 2) / (sigmas * sigma_data).square()
-    return 1 / sigmas.square()
+    return noise_prediction_weights(sigmas)
 
 
 def default_compute(model_patcher) -> TrainingCompute:

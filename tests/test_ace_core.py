@@ -515,39 +515,43 @@ def test_a_restarted_soft_word_is_attacked_afresh_from_the_phrase(encoder, unet,
     draws exactly as before (the option costs nothing when off)."""
     import ace.finetune as finetune_module
 
-    starts, attack_steps = [], []
+    events = []  # ("word", a new soft word's vectors) and ("attack", the batches of one call), in order
     real_soft_word, real_attack = finetune_module.SoftWord, finetune_module._attack
 
     class Recorded(real_soft_word):
         def __init__(self, network, phrase, cfg):
             super().__init__(network, phrase, cfg)
-            starts.append({k: v.detach().clone() for k, v in self.vectors.items()})
+            events.append(("word", {k: v.detach().clone() for k, v in self.vectors.items()}))
 
     def counted(adapter, denoise, network, soft, batches):
         batches = list(batches)
-        attack_steps.append(len(batches))
-        if len(batches) > 2:  # a restart's batches are fresh examples, each its own
-            assert len({b.x_t.sum().item() for b in batches}) == len(batches)
+        events.append(("attack", batches))
         return real_attack(adapter, denoise, network, soft, batches)
 
     monkeypatch.setattr(finetune_module, "SoftWord", Recorded)
     monkeypatch.setattr(finetune_module, "_attack", counted)
     adapters = {}
     for every in (0, 5):
-        starts.clear(), attack_steps.clear()
+        events.clear()
         _, tokens, adapter, _ = stage1(encoder, unet)
         with adapter.attached(unet):
             latents = _latents(adapter, unet, tokens)
             finetune(adapter, unet, toy_network(unet, encoder), tokens, latents,
                      FinetuneConfig(steps=12, attack_steps=2, restart_every=every, restart_attack_steps=7))
         adapters[every] = adapter
+        starts = [data for kind, data in events if kind == "word"]
+        # the call right after a restarted word is its attack; every other call is a training step's
+        restart_calls = {i + 1 for i, (kind, _) in enumerate(events) if kind == "word" and i > 0}
+        restarts = [events[i][1] for i in sorted(restart_calls)]
+        steps = [data for i, (kind, data) in enumerate(events) if kind == "attack" and i not in restart_calls]
+        assert [len(b) for b in steps] == [2] * 12  # 12 steps of 2 inner steps on the step's own batch
         if every:
             # the first word, then fresh ones at concept steps 5 and 10, each from the phrase's embeddings
             assert len(starts) == 3 and all(torch.equal(s[k], starts[0][k]) for s in starts for k in s)
-            # 12 steps of 2 inner steps, and 7 steps on fresh examples at each restart
-            assert attack_steps.count(2) == 12 and attack_steps.count(7) == 2, attack_steps
+            # each restart: 7 steps, each on fresh examples
+            assert [len({b.x_t.sum().item() for b in r}) for r in restarts] == [7, 7]
         else:
-            assert len(starts) == 1 and attack_steps == [2] * 12
+            assert len(starts) == 1 and restarts == []
     changed = max((a - b).abs().max().item() for a, b in zip(adapters[0].lora_up, adapters[5].lora_up))
     assert changed > 1e-4  # training on the restarted words moves the edit elsewhere
     # off, the run is the default one, draw for draw
