@@ -208,6 +208,10 @@ def finetune(
     the original model. `callback` is called after every step; returning True stops the run (an
     exception it raises propagates, leaving the adapter mid-training: callers that cancel should
     discard it)."""
+    if cfg.loss_weighting == "model" and network.train_weights is None:
+        # Falling back to 1/σ² would run another weighting than the one asked for, unreported.
+        raise ValueError('loss_weighting="model" needs the model\'s training weights (Network.train_weights), '
+                         "and this network does not give them; use the default weighting instead")
     result = FinetuneResult()
     total = cfg.total_steps(len(tokens.concepts))
     if total == 0:
@@ -216,7 +220,7 @@ def finetune(
     device = latents[0].device
     generator = torch.Generator().manual_seed(cfg.seed)
     train_sigmas = network.train_sigmas.float()
-    train_weights = network.train_weights.float() if cfg.loss_weighting == "model" and network.train_weights is not None \
+    train_weights = network.train_weights.float() if cfg.loss_weighting == "model" \
         else noise_prediction_weights(train_sigmas)
     weights = [network.weights[p.name].detach().to(device, torch.float32) for p in adapter.projections]
     pool = [list(x) for x in latents]  # each concept's examples; on-policy ones join them

@@ -55,7 +55,8 @@ class Network:
     (descending, ending at 0) draw the concept's examples; `train_sigmas` is a table of noise
     levels whose uniform draw is the model's training distribution, for stage 2, and
     `train_weights` the loss weight each of those levels had in the model's training, on the
-    denoised estimate (None: `noise_prediction_weights`, a noise-predicting model's). `num_res_blocks`
+    denoised estimate (None: not known; stage 2's default weighting, `noise_prediction_weights`,
+    needs none, and `FinetuneConfig.loss_weighting="model"` refuses to run without it). `num_res_blocks`
     (residual blocks per UNet level) fixes the diffusers names of the projections in an exported
     LoRA. `compute` is how `attach` runs the network (precision, gradient checkpointing).
     """

@@ -509,6 +509,17 @@ def test_model_loss_weighting_weighs_every_term_by_the_networks_training_weights
     assert first["model"]["gate"] == pytest.approx(first["noise"]["gate"], rel=1e-4)
 
 
+def test_model_loss_weighting_without_the_networks_training_weights_is_refused(encoder, unet):
+    """A network that does not give its training weights cannot run `loss_weighting="model"`:
+    a clear error before any step, and the adapter as it was."""
+    _, tokens, adapter, _ = stage1(encoder, unet)
+    before = {k: v.clone() for k, v in adapter.state_dict().items()}
+    with adapter.attached(unet), pytest.raises(ValueError, match=r'loss_weighting="model" needs the model\'s training weights'):
+        finetune(adapter, unet, toy_network(unet, encoder), tokens, _latents(adapter, unet, tokens),
+                 FinetuneConfig(steps=4, attack_steps=1, loss_weighting="model"))
+    assert all(torch.equal(before[k], v) for k, v in adapter.state_dict().items())
+
+
 def test_a_restarted_soft_word_is_attacked_afresh_from_the_phrase(encoder, unet, monkeypatch):
     """With `restart_every` the soft word starts again from the phrase at that concept step and is
     attacked for `restart_attack_steps` steps before training goes on; without it, the same run
